@@ -1,0 +1,557 @@
+"""Alignment losses on plain tensors (spec §3–§6), looked up by name.
+
+Public functions (sequence-level inputs are sums of response-token log-probabilities,
+shape [N]; prompt and padding tokens already masked out):
+
+* :func:`f_grpo_loss` — on-policy f-GRPO (spec §4).
+* :func:`fdo_loss` — offline f-divergence optimisation on aligned / unaligned samples (§3).
+* :func:`f_hal_loss` — ``λ·FDO + (1 − λ)·f-GRPO`` (§5).
+* :func:`grpo_loss` — the token-level clipped-ratio GRPO baseline (§6).
+* :func:`dpo_loss` — the sigmoid DPO baseline (§6).
+
+Each returns a :class:`LossOutput`: the differentiable scalar ``loss`` and a dict of float
+``metrics``. The registry :data:`LOSSES` maps a configuration name to an adapter taking a
+:class:`LossInputs` (what the trainer has after a rollout) and a :class:`LossConfig`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fgrpo_pipeline.advantages import check_group_layout
+from fgrpo_pipeline.divergences import DIVERGENCES, Divergence, get_divergence
+from fgrpo_pipeline.registry import Registry
+
+WEIGHT_SCHEMES = ("uniform", "snis")
+GRPO_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class LossOutput:
+    """A scalar loss with a gradient path, and float diagnostics for logging."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and beta > 0 and beta < float("inf")):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _check_lam(lam: float) -> None:
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam (λ) must lie in [0, 1], got {lam!r}")
+
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def _check_same_shape(**tensors: Tensor | None) -> None:
+    given = {name: t for name, t in tensors.items() if t is not None}
+    shapes = {name: tuple(t.shape) for name, t in given.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name}{list(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: {listed}")
+
+
+def _check_flat(name: str, t: Tensor) -> None:
+    if t.dim() != 1:
+        raise ValueError(
+            f"{name} must be a flat [N] tensor of sequence log-probs, got shape {list(t.shape)}"
+        )
+
+
+def _resolve(divergence: Divergence | str) -> Divergence:
+    return divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
+
+
+def _mean_or_zero(x: Tensor) -> float:
+    return x.mean().item() if x.numel() else 0.0
+
+
+# --------------------------------------------------------------------------- f-GRPO
+
+
+def _snis_weights(scores: Tensor, side: Tensor) -> Tensor:
+    """Softmax of ``scores`` within each group's side (rows [n_groups, G], side mask)."""
+    masked = torch.where(side, scores, torch.full_like(scores, float("-inf")))
+    weights = torch.softmax(masked, dim=1)
+    # A group with no member on this side yields NaN rows from softmax(−inf…): zero them.
+    return torch.where(side, torch.nan_to_num(weights, nan=0.0), torch.zeros_like(weights))
+
+
+def _effective_sample_size(weights: Tensor, side: Tensor) -> float:
+    """Mean over groups with a non-empty side of 1/Σw² (1 = one-hot, n = uniform)."""
+    present = side.any(dim=1)
+    if not present.any():
+        return 0.0
+    ess = 1.0 / (weights[present] ** 2).sum(dim=1)
+    return ess.mean().item()
+
+
+def f_grpo_loss(
+    logps: Tensor,
+    ref_logps: Tensor,
+    advantages: Tensor,
+    *,
+    divergence: Divergence | str,
+    beta: float = 0.1,
+    group_size: int,
+    weights: str = "uniform",
+    old_logps: Tensor | None = None,
+    rewards: Tensor | None = None,
+    old_ratio_coef: float | None = None,
+) -> LossOutput:
+    """On-policy f-GRPO loss (spec §4).
+
+    With ``s_i = β(logps_i − ref_logps_i)``: ``ψ_i = w⁺·g(s_i)`` if ``a_i > 0`` else
+    ``w⁻·f*(g(s_i))``, and ``L = −(1 + 1/β) · mean over groups of Σ_i a_i ψ_i``.
+
+    ``weights`` **(choice)**: ``uniform`` (w = 1) or ``snis`` — a softmax within each side of
+    each group of ``r_j − log π_old(y_j)`` (aligned) or ``−r_j − log π_old(y_j)`` (unaligned),
+    where ``r_j`` is ``rewards`` if given, else the advantage. ``old_logps`` defaults to
+    ``logps`` detached (one optimiser step per rollout batch).
+
+    ``old_ratio_coef`` (γ) switches to the authors' surrogate: ``s_i += γ(logps_i −
+    old_logps_i)`` without the ``(1 + 1/β)`` prefactor. With ``old_logps == logps`` and γ = 1
+    its gradient equals the default's; the two differ only when a batch is reused.
+    """
+    _check_beta(beta)
+    div = _resolve(divergence)
+    _check_choice(weights, WEIGHT_SCHEMES, "weights")
+    _check_flat("logps", logps)
+    _check_same_shape(
+        logps=logps,
+        ref_logps=ref_logps,
+        advantages=advantages,
+        old_logps=old_logps,
+        rewards=rewards,
+    )
+    n_groups = check_group_layout(logps.numel(), group_size, "logps")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages must be finite (NaN/inf found)")
+
+    old = logps.detach() if old_logps is None else old_logps.detach()
+    score = beta * (logps - ref_logps)
+    prefactor = 1.0 + 1.0 / beta
+    if old_ratio_coef is not None:
+        score = score + old_ratio_coef * (logps - old)
+        prefactor = 1.0
+
+    aligned = advantages > 0
+    critic = div.link(score)
+    conj = div.conjugate_of_link(score)
+
+    grid = (n_groups, group_size)
+    side_pos, side_neg = aligned.view(grid), (~aligned).view(grid)
+    if weights == "snis":
+        r = (rewards if rewards is not None else advantages).detach().view(grid)
+        log_old = old.view(grid)
+        w_pos = _snis_weights(r - log_old, side_pos)
+        w_neg = _snis_weights(-r - log_old, side_neg)
+        w = (w_pos + w_neg).reshape(-1)
+    else:
+        w = torch.ones_like(score)
+
+    psi = torch.where(aligned, w * critic, w * conj)
+    per_group = (advantages * psi).view(grid).sum(dim=1)
+    loss = -prefactor * per_group.mean()
+
+    implicit = score.detach()
+    metrics = {
+        "divergence_estimate": _mean_or_zero(critic.detach()[aligned])
+        - _mean_or_zero(conj.detach()[~aligned]),
+        "implicit_reward_aligned": _mean_or_zero(implicit[aligned]),
+        "implicit_reward_unaligned": _mean_or_zero(implicit[~aligned]),
+        "frac_aligned": aligned.float().mean().item(),
+    }
+    if weights == "snis":
+        metrics["ess_aligned"] = _effective_sample_size(w_pos, side_pos)
+        metrics["ess_unaligned"] = _effective_sample_size(w_neg, side_neg)
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- FDO / f-HAL
+
+
+def fdo_loss(
+    chosen_logps: Tensor,
+    chosen_ref_logps: Tensor,
+    rejected_logps: Tensor,
+    rejected_ref_logps: Tensor,
+    *,
+    divergence: Divergence | str,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Offline FDO loss (spec §3): ``−E_{D⁺}[g(r_θ)] + E_{D⁻}[f*(g(r_θ))]``.
+
+    Chosen (aligned) and rejected (unaligned) samples need not be paired: their counts may
+    differ. ``−loss`` is the variational estimate of ``D_f(D⁺‖D⁻)``.
+    """
+    _check_beta(beta)
+    div = _resolve(divergence)
+    for name, t in (("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps)):
+        _check_flat(name, t)
+    _check_same_shape(chosen_logps=chosen_logps, chosen_ref_logps=chosen_ref_logps)
+    _check_same_shape(rejected_logps=rejected_logps, rejected_ref_logps=rejected_ref_logps)
+    if chosen_logps.numel() == 0 or rejected_logps.numel() == 0:
+        raise ValueError(
+            f"fdo_loss needs at least one chosen and one rejected sample, got "
+            f"{chosen_logps.numel()} chosen and {rejected_logps.numel()} rejected"
+        )
+    chosen_reward = beta * (chosen_logps - chosen_ref_logps)
+    rejected_reward = beta * (rejected_logps - rejected_ref_logps)
+    loss = -div.link(chosen_reward).mean() + div.conjugate_of_link(rejected_reward).mean()
+    return LossOutput(
+        loss=loss,
+        metrics={
+            "divergence_estimate": -loss.item(),
+            "implicit_reward_chosen": chosen_reward.detach().mean().item(),
+            "implicit_reward_rejected": rejected_reward.detach().mean().item(),
+        },
+    )
+
+
+def f_hal_loss(
+    logps: Tensor | None,
+    ref_logps: Tensor | None,
+    advantages: Tensor | None,
+    chosen_logps: Tensor | None,
+    chosen_ref_logps: Tensor | None,
+    rejected_logps: Tensor | None,
+    rejected_ref_logps: Tensor | None,
+    *,
+    divergence: Divergence | str,
+    lam: float,
+    beta: float = 0.1,
+    group_size: int,
+    weights: str = "uniform",
+    old_logps: Tensor | None = None,
+    rewards: Tensor | None = None,
+) -> LossOutput:
+    """Hybrid f-HAL loss (spec §5): ``λ·L_FDO + (1 − λ)·L_f-GRPO`` with one f, g and β.
+
+    At λ = 0 it is exactly :func:`f_grpo_loss` and the offline inputs may be ``None``; at
+    λ = 1 exactly :func:`fdo_loss` and the on-policy inputs may be ``None``.
+    """
+    _check_lam(lam)
+    _check_beta(beta)
+    div = _resolve(divergence)
+    parts: list[tuple[float, str, LossOutput]] = []
+    if lam < 1.0:
+        if logps is None or ref_logps is None or advantages is None:
+            raise ValueError("f_hal_loss with lam < 1 needs logps, ref_logps and advantages")
+        online = f_grpo_loss(
+            logps,
+            ref_logps,
+            advantages,
+            divergence=div,
+            beta=beta,
+            group_size=group_size,
+            weights=weights,
+            old_logps=old_logps,
+            rewards=rewards,
+        )
+        parts.append((1.0 - lam, "online", online))
+    if lam > 0.0:
+        offline_inputs = (chosen_logps, chosen_ref_logps, rejected_logps, rejected_ref_logps)
+        if any(t is None for t in offline_inputs):
+            raise ValueError(
+                "f_hal_loss with lam > 0 needs chosen/rejected policy and reference log-probs"
+            )
+        offline = fdo_loss(*offline_inputs, divergence=div, beta=beta)
+        parts.append((lam, "offline", offline))
+    if len(parts) == 1:
+        return parts[0][2]
+    loss = sum(weight * out.loss for weight, _, out in parts)
+    metrics = {f"{tag}/{key}": value for _, tag, out in parts for key, value in out.metrics.items()}
+    metrics["divergence_estimate"] = sum(
+        weight * out.metrics["divergence_estimate"] for weight, _, out in parts
+    )
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logps: Tensor | None = None,
+    epsilon: float = 0.2,
+    kl_coef: float = 0.0,
+    aggregation: str = "grpo",
+    max_completion_length: int | None = None,
+) -> LossOutput:
+    """Token-level clipped-ratio GRPO (spec §6) on per-token log-probs [N, T].
+
+    Per token: ``−min(ρ·a, clip(ρ, 1 − ε, 1 + ε)·a) + kl_coef·k3`` with ``ρ = π_θ/π_old`` and
+    the k3 estimator ``k3 = e^{ref − logp} − (ref − logp) − 1``. ``aggregation``:
+    ``grpo`` averages tokens within each sequence, then sequences; ``dr_grpo`` sums tokens
+    and divides by N·``max_completion_length`` (default: T); ``dapo`` divides the sum by the
+    batch's active-token count.
+    """
+    _check_choice(aggregation, GRPO_AGGREGATIONS, "aggregation")
+    if logps.dim() != 2:
+        raise ValueError(f"grpo_loss takes per-token log-probs [N, T], got {list(logps.shape)}")
+    _check_same_shape(logps=logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps)
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(
+            f"shape mismatch: advantages{list(advantages.shape)} vs logps{list(logps.shape)}"
+        )
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("grpo_loss with kl_coef > 0 needs ref_logps")
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
+
+    mask = mask.to(logps.dtype)
+    log_ratio = logps - old_logps.detach()
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach().unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = None
+    if ref_logps is not None:
+        delta = ref_logps.detach() - logps
+        kl = torch.exp(delta) - delta - 1.0
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
+
+    token_count = mask.sum(dim=1)
+    if aggregation == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / token_count.clamp(min=1)).mean()
+    elif aggregation == "dr_grpo":
+        length = max_completion_length or logps.shape[1]
+        loss = (per_token * mask).sum() / (logps.shape[0] * length)
+    else:
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+    active = mask.bool()
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    metrics = {"clip_fraction": _mean_or_zero(is_clipped[active].float())}
+    if kl is not None:
+        metrics["kl_k3"] = _mean_or_zero(kl.detach()[active])
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    chosen_ref_logps: Tensor,
+    rejected_logps: Tensor,
+    rejected_ref_logps: Tensor,
+    *,
+    beta: float = 0.1,
+) -> LossOutput:
+    """Sigmoid DPO: ``−log σ(β[(c − c_ref) − (r − r_ref)])`` over paired samples."""
+    _check_beta(beta)
+    _check_same_shape(
+        chosen_logps=chosen_logps,
+        chosen_ref_logps=chosen_ref_logps,
+        rejected_logps=rejected_logps,
+        rejected_ref_logps=rejected_ref_logps,
+    )
+    if chosen_logps.numel() == 0:
+        raise ValueError("dpo_loss needs at least one chosen/rejected pair")
+    chosen_reward = beta * (chosen_logps - chosen_ref_logps)
+    rejected_reward = beta * (rejected_logps - rejected_ref_logps)
+    margin = chosen_reward - rejected_reward
+    loss = -F.logsigmoid(margin).mean()
+    return LossOutput(
+        loss=loss,
+        metrics={
+            "implicit_reward_chosen": chosen_reward.detach().mean().item(),
+            "implicit_reward_rejected": rejected_reward.detach().mean().item(),
+            "reward_accuracy": (margin.detach() > 0).float().mean().item(),
+        },
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass
+class LossConfig:
+    """The loss-selecting parameters (``training.loss`` block of parameters_training.yml)."""
+
+    name: str = "f_grpo"
+    divergence: str = "kl"
+    beta: float = 0.1
+    weights: str = "uniform"
+    lam: float = 0.5
+    epsilon: float = 0.2
+    kl_coef: float = 0.0
+    aggregation: str = "grpo"
+
+    def __post_init__(self) -> None:
+        LOSSES.check(self.name, "loss")
+        DIVERGENCES.check(self.divergence, "divergence")
+        _check_beta(self.beta)
+        _check_lam(self.lam)
+        _check_choice(self.weights, WEIGHT_SCHEMES, "weights")
+        _check_choice(self.aggregation, GRPO_AGGREGATIONS, "aggregation")
+
+
+@dataclass
+class PreferenceInputs:
+    """Sequence log-probs of a preference minibatch: aligned (chosen) and unaligned sides."""
+
+    chosen_logps: Tensor
+    chosen_ref_logps: Tensor
+    rejected_logps: Tensor
+    rejected_ref_logps: Tensor
+
+
+@dataclass
+class LossInputs:
+    """What the trainer holds after a rollout: per-token tensors [N, T] and per-row [N].
+
+    ``offline`` is an off-policy preference minibatch (f-HAL, and FDO/DPO when given).
+    """
+
+    logps: Tensor
+    ref_logps: Tensor
+    old_logps: Tensor
+    mask: Tensor
+    advantages: Tensor
+    rewards: Tensor
+    group_size: int
+    offline: PreferenceInputs | None = None
+
+    def sequence(self, per_token: Tensor) -> Tensor:
+        return (per_token * self.mask).sum(dim=1)
+
+
+LossFn = Callable[[LossInputs, LossConfig], LossOutput]
+LOSSES: Registry[LossFn] = Registry("loss")
+
+
+def get_loss(name: str) -> LossFn:
+    """The registered loss adapter ``(LossInputs, LossConfig) -> LossOutput``."""
+    return LOSSES.get(name)
+
+
+def _online_preferences(inputs: LossInputs) -> PreferenceInputs:
+    """Aligned rollouts (a > 0) as chosen, a < 0 as rejected (unpaired).
+
+    Rows with a = 0 (groups without reward spread) carry no preference and are left out.
+    """
+    aligned, unaligned = inputs.advantages > 0, inputs.advantages < 0
+    seq, ref = inputs.sequence(inputs.logps), inputs.sequence(inputs.ref_logps)
+    return PreferenceInputs(seq[aligned], ref[aligned], seq[unaligned], ref[unaligned])
+
+
+def _group_extreme_pairs(inputs: LossInputs) -> PreferenceInputs:
+    """Per group with reward spread: its best response vs its worst (paired, for DPO)."""
+    grid = (-1, inputs.group_size)
+    rewards = inputs.rewards.view(grid)
+    best, worst = rewards.argmax(dim=1), rewards.argmin(dim=1)
+    keep = rewards.amax(dim=1) > rewards.amin(dim=1)
+    offsets = torch.arange(rewards.shape[0]) * inputs.group_size
+    chosen, rejected = (best + offsets)[keep], (worst + offsets)[keep]
+    seq, ref = inputs.sequence(inputs.logps), inputs.sequence(inputs.ref_logps)
+    return PreferenceInputs(seq[chosen], ref[chosen], seq[rejected], ref[rejected])
+
+
+def _no_signal(inputs: LossInputs, **metrics: float) -> LossOutput:
+    """A zero loss still connected to the graph, for batches with nothing to learn from."""
+    return LossOutput(loss=(inputs.logps * 0.0).sum(), metrics=dict(metrics))
+
+
+@LOSSES.register("f_grpo")
+def _f_grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
+    return f_grpo_loss(
+        inputs.sequence(inputs.logps),
+        inputs.sequence(inputs.ref_logps),
+        inputs.advantages,
+        divergence=config.divergence,
+        beta=config.beta,
+        group_size=inputs.group_size,
+        weights=config.weights,
+        old_logps=inputs.sequence(inputs.old_logps),
+        rewards=inputs.rewards,
+    )
+
+
+@LOSSES.register("fdo")
+def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
+    prefs = inputs.offline or _online_preferences(inputs)
+    if prefs.chosen_logps.numel() == 0 or prefs.rejected_logps.numel() == 0:
+        return _no_signal(inputs, divergence_estimate=0.0)
+    return fdo_loss(
+        prefs.chosen_logps,
+        prefs.chosen_ref_logps,
+        prefs.rejected_logps,
+        prefs.rejected_ref_logps,
+        divergence=config.divergence,
+        beta=config.beta,
+    )
+
+
+@LOSSES.register("f_hal")
+def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
+    if config.lam > 0 and inputs.offline is None:
+        raise ValueError("loss f_hal with lam > 0 needs an offline preference minibatch")
+    offline = inputs.offline
+    return f_hal_loss(
+        inputs.sequence(inputs.logps),
+        inputs.sequence(inputs.ref_logps),
+        inputs.advantages,
+        offline.chosen_logps if offline else None,
+        offline.chosen_ref_logps if offline else None,
+        offline.rejected_logps if offline else None,
+        offline.rejected_ref_logps if offline else None,
+        divergence=config.divergence,
+        lam=config.lam,
+        beta=config.beta,
+        group_size=inputs.group_size,
+        weights=config.weights,
+        old_logps=inputs.sequence(inputs.old_logps),
+        rewards=inputs.rewards,
+    )
+
+
+@LOSSES.register("grpo")
+def _grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
+    return grpo_loss(
+        inputs.logps,
+        inputs.old_logps,
+        inputs.advantages,
+        inputs.mask,
+        ref_logps=inputs.ref_logps,
+        epsilon=config.epsilon,
+        kl_coef=config.kl_coef,
+        aggregation=config.aggregation,
+    )
+
+
+@LOSSES.register("dpo")
+def _dpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
+    prefs = inputs.offline or _group_extreme_pairs(inputs)
+    if prefs.chosen_logps.numel() == 0:
+        return _no_signal(inputs, reward_accuracy=0.0)
+    return dpo_loss(
+        prefs.chosen_logps,
+        prefs.chosen_ref_logps,
+        prefs.rejected_logps,
+        prefs.rejected_ref_logps,
+        beta=config.beta,
+    )
+
+
+def loss_names() -> list[str]:
+    return LOSSES.names()

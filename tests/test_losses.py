@@ -1,0 +1,342 @@
+"""Behaviour of the alignment losses: gradient signs, reductions, baselines, bad input."""
+
+import pytest
+import torch
+
+from fgrpo_pipeline.advantages import group_advantages
+from fgrpo_pipeline.divergences import divergence_names
+from fgrpo_pipeline.losses import (
+    LossConfig,
+    LossInputs,
+    PreferenceInputs,
+    dpo_loss,
+    f_grpo_loss,
+    f_hal_loss,
+    fdo_loss,
+    get_loss,
+    grpo_loss,
+    loss_names,
+)
+
+DIVERGENCES = divergence_names()
+G = 4
+
+
+def _batch(seed=0, n_groups=3, flat_group=True):
+    """Sequence log-probs near the reference, rewards with one flat group."""
+    gen = torch.Generator().manual_seed(seed)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0])
+    if not flat_group:
+        rewards[-1] = 0.0
+    rewards = rewards[: n_groups * G]
+    ref = -5.0 + torch.randn(n_groups * G, generator=gen, dtype=torch.float64)
+    logps = (ref + 0.5 * torch.randn(n_groups * G, generator=gen, dtype=torch.float64)).clone()
+    return logps.requires_grad_(True), ref, rewards.double()
+
+
+@pytest.mark.parametrize("weights", ["uniform", "snis"])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_f_grpo_gradient_signs(name, weights):
+    logps, ref, rewards = _batch()
+    adv = group_advantages(rewards, G)
+    out = f_grpo_loss(logps, ref, adv, divergence=name, beta=0.1, group_size=G, weights=weights)
+    out.loss.backward()
+    grad = logps.grad
+    # descent moves logps by −grad: aligned up, unaligned down
+    pos, neg = adv > 0, adv < 0
+    if weights == "uniform":
+        assert (grad[pos] < 0).all()
+        assert (grad[neg] > 0).all()
+    else:  # snis concentrates each side's weight; no row may move the wrong way
+        assert (grad[pos] <= 0).all() and (grad[pos] < 0).any()
+        assert (grad[neg] >= 0).all() and (grad[neg] > 0).any()
+    # the flat group (last four rewards all 1) contributes exactly nothing
+    assert torch.equal(grad[-G:], torch.zeros(G, dtype=grad.dtype))
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_f_grpo_value_matches_the_formula(name):
+    from fgrpo_pipeline.divergences import get_divergence
+
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    beta = 0.1
+    out = f_grpo_loss(logps, ref, adv, divergence=name, beta=beta, group_size=G)
+    div = get_divergence(name)
+    s = beta * (logps - ref)
+    psi = torch.where(adv > 0, div.link(s), div.conjugate_of_link(s))
+    expected = -(1 + 1 / beta) * (adv * psi).view(-1, G).sum(1).mean()
+    torch.testing.assert_close(out.loss, expected)
+    aligned_mean = div.link(s)[adv > 0].mean() - div.conjugate_of_link(s)[adv <= 0].mean()
+    assert out.metrics["divergence_estimate"] == pytest.approx(aligned_mean.item())
+
+
+def test_f_grpo_is_invariant_to_group_order_and_scales_with_groups():
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    base = f_grpo_loss(logps, ref, adv, divergence="kl", group_size=G).loss
+    perm = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3, 8, 9, 10, 11])
+    swapped = f_grpo_loss(logps[perm], ref[perm], adv[perm], divergence="kl", group_size=G).loss
+    torch.testing.assert_close(base, swapped)
+
+
+def test_snis_weights_and_effective_sample_size():
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    out = f_grpo_loss(
+        logps, ref, adv, divergence="kl", group_size=G, weights="snis", rewards=rewards
+    )
+    # ESS lies between 1 (one-hot) and the side size (here at most 3 of 4)
+    assert 1.0 <= out.metrics["ess_aligned"] <= 3.0
+    assert 1.0 <= out.metrics["ess_unaligned"] <= 3.0
+    # with equal old log-probs and equal rewards within a side, snis is uniform 1/n
+    flat_old = torch.zeros_like(logps)
+    equal = torch.tensor([1.0, 1.0, 0.0, 0.0] * 3, dtype=torch.float64)
+    adv = group_advantages(equal, G)
+    out = f_grpo_loss(
+        logps, ref, adv, divergence="kl", group_size=G, weights="snis", old_logps=flat_old,
+        rewards=equal,
+    )
+    assert out.metrics["ess_aligned"] == pytest.approx(2.0)
+    uniform = f_grpo_loss(logps, ref, adv, divergence="kl", group_size=G).loss
+    torch.testing.assert_close(out.loss, uniform / 2)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_authors_surrogate_has_the_same_first_step_gradient(name):
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    default = f_grpo_loss(logps, ref, adv, divergence=name, group_size=G).loss
+    (grad_default,) = torch.autograd.grad(default, logps)
+    authors = f_grpo_loss(
+        logps, ref, adv, divergence=name, group_size=G, old_logps=logps.detach(),
+        old_ratio_coef=1.0,
+    ).loss
+    (grad_authors,) = torch.autograd.grad(authors, logps)
+    torch.testing.assert_close(grad_authors, grad_default)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_fdo_raises_chosen_and_lowers_rejected(name):
+    gen = torch.Generator().manual_seed(1)
+    chosen = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    rejected = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_(True)
+    out = fdo_loss(
+        chosen, torch.zeros(5, dtype=torch.float64), rejected,
+        torch.zeros(3, dtype=torch.float64), divergence=name, beta=0.1,
+    )
+    out.loss.backward()
+    assert (chosen.grad < 0).all()
+    assert (rejected.grad > 0).all()
+    assert out.metrics["divergence_estimate"] == pytest.approx(-out.loss.item())
+
+
+def test_fdo_estimate_approaches_divergence_at_its_optimum():
+    """Maximising −L_FDO over free per-response scores recovers D_f(P‖Q) (spec §3)."""
+    from fgrpo_pipeline.divergences import f_divergence
+
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    for name in ("kl", "pearson", "jensen_shannon"):
+        scores = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([scores], lr=0.05)
+        from fgrpo_pipeline.divergences import get_divergence
+
+        div = get_divergence(name)
+        for _ in range(3000):
+            loss = -(p * div.link(scores)).sum() + (q * div.conjugate_of_link(scores)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert -loss.item() == pytest.approx(f_divergence(p, q, div).item(), abs=1e-4)
+
+
+def test_f_hal_interpolates_and_reduces_exactly():
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    chosen = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-3.0, -1.5, -2.5], dtype=torch.float64, requires_grad=True)
+    zeros2, zeros3 = torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    args = (logps, ref, adv, chosen, zeros2, rejected, zeros3)
+    kw = {"divergence": "jensen_shannon", "beta": 0.1, "group_size": G}
+    online = f_grpo_loss(logps, ref, adv, **kw).loss
+    offline = fdo_loss(chosen, zeros2, rejected, zeros3, divergence="jensen_shannon").loss
+    assert torch.equal(f_hal_loss(*args, lam=0.0, **kw).loss, online)
+    assert torch.equal(f_hal_loss(*args, lam=1.0, **kw).loss, offline)
+    mixed = f_hal_loss(*args, lam=0.3, **kw)
+    torch.testing.assert_close(mixed.loss, 0.3 * offline + 0.7 * online)
+    assert "online/divergence_estimate" in mixed.metrics
+    assert "offline/implicit_reward_chosen" in mixed.metrics
+    # the pure cases need only their own inputs
+    f_hal_loss(logps, ref, adv, None, None, None, None, lam=0.0, **kw)
+    f_hal_loss(None, None, None, chosen, zeros2, rejected, zeros3, lam=1.0, **kw)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, float("nan")])
+def test_f_hal_rejects_lambda_outside_unit_interval(lam):
+    logps, ref, rewards = _batch()
+    with pytest.raises(ValueError, match=r"lam \(λ\) must lie in \[0, 1\]"):
+        f_hal_loss(
+            logps, ref, group_advantages(rewards, G), None, None, None, None,
+            divergence="kl", lam=lam, group_size=G,
+        )
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def _token_batch(seed=0, n=8, t=6):
+    gen = torch.Generator().manual_seed(seed)
+    logps = (-2 + torch.randn(n, t, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6])[:n]
+    mask = (torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)).double()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)[:n]
+    return logps, mask, group_advantages(rewards, 4), lengths
+
+
+def test_grpo_one_step_value_is_zero_and_gradient_is_policy_gradient():
+    logps, mask, adv, lengths = _token_batch()
+    out = grpo_loss(logps, logps.detach(), adv, mask)
+    assert out.loss.item() == pytest.approx(0.0, abs=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    # unclipped policy gradient: −mean_i (1/|y_i|) Σ_t a_i ∇ log π(y_it)
+    surrogate = -((adv.unsqueeze(1) * logps * mask).sum(1) / lengths).mean()
+    (expected,) = torch.autograd.grad(surrogate, logps)
+    torch.testing.assert_close(grad, expected)
+    assert out.metrics["clip_fraction"] == 0.0
+
+
+def test_grpo_aggregations_differ_as_documented():
+    logps, mask, adv, lengths = _token_batch()
+    n, t = logps.shape
+    a = adv
+    values = {
+        agg: grpo_loss(logps, logps.detach(), adv, mask, aggregation=agg).loss.item()
+        for agg in ("grpo", "dr_grpo", "dapo")
+    }
+    # at ratio 1 each token's loss is −a_i
+    assert values["grpo"] == pytest.approx(-a.mean().item(), abs=1e-12)
+    assert values["dr_grpo"] == pytest.approx(-(a * lengths).sum().item() / (n * t))
+    assert values["dapo"] == pytest.approx(-(a * lengths).sum().item() / lengths.sum().item())
+    assert values["dr_grpo"] != pytest.approx(values["dapo"])
+    dr_long = grpo_loss(
+        logps, logps.detach(), adv, mask, aggregation="dr_grpo", max_completion_length=12
+    ).loss.item()
+    assert dr_long == pytest.approx(values["dr_grpo"] / 2)
+
+
+def test_grpo_clipping_stops_gradient_beyond_the_trust_region():
+    logps, mask, adv, _ = _token_batch()
+    old = logps.detach() - 1.0  # ratio e ≈ 2.7 > 1 + ε everywhere
+    out = grpo_loss(logps, old, adv, mask)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    pos = adv > 0
+    assert torch.equal(grad[pos], torch.zeros_like(grad[pos]))  # clipped: no push further
+    assert (grad[adv < 0][mask[adv < 0].bool()] > 0).all()  # still pulled back down
+    assert out.metrics["clip_fraction"] > 0
+
+
+def test_grpo_k3_kl_is_zero_at_reference_and_pulls_back():
+    logps, mask, adv, _ = _token_batch()
+    zero_adv = torch.zeros_like(adv)
+    at_ref = grpo_loss(logps, logps.detach(), zero_adv, mask, ref_logps=logps.detach(), kl_coef=0.1)
+    assert at_ref.metrics["kl_k3"] == pytest.approx(0.0, abs=1e-12)
+    above_ref = grpo_loss(
+        logps, logps.detach(), zero_adv, mask, ref_logps=logps.detach() - 0.5, kl_coef=0.1
+    )
+    assert above_ref.metrics["kl_k3"] > 0
+    (grad,) = torch.autograd.grad(above_ref.loss, logps)
+    assert (grad[mask.bool()] > 0).all()  # descent lowers logps back toward the reference
+
+
+def test_dpo_sign_and_pairing():
+    chosen = torch.tensor([-1.0, -2.0], requires_grad=True)
+    rejected = torch.tensor([-1.0, -2.0], requires_grad=True)
+    out = dpo_loss(chosen, torch.zeros(2), rejected, torch.zeros(2), beta=0.1)
+    out.loss.backward()
+    assert (chosen.grad < 0).all() and (rejected.grad > 0).all()
+    assert out.loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    with pytest.raises(ValueError, match="shape mismatch"):
+        dpo_loss(chosen, torch.zeros(2), rejected[:1], torch.zeros(1))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_loss_registry_names_and_unknown():
+    assert loss_names() == ["f_grpo", "fdo", "f_hal", "grpo", "dpo"]
+    with pytest.raises(ValueError, match="unknown loss 'ppo'.*f_grpo, fdo, f_hal, grpo, dpo"):
+        get_loss("ppo")
+
+
+def _loss_inputs(with_offline=False):
+    logps, mask, adv, _ = _token_batch()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    offline = None
+    if with_offline:
+        offline = PreferenceInputs(
+            torch.tensor([-3.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([-3.0], dtype=torch.float64),
+            torch.tensor([-2.0], dtype=torch.float64, requires_grad=True),
+            torch.tensor([-2.0], dtype=torch.float64),
+        )
+    return LossInputs(
+        logps=logps, ref_logps=logps.detach() + 0.1, old_logps=logps.detach(), mask=mask,
+        advantages=adv, rewards=rewards, group_size=4, offline=offline,
+    )
+
+
+@pytest.mark.parametrize("name", ["f_grpo", "fdo", "f_hal", "grpo", "dpo"])
+def test_every_registered_loss_moves_aligned_up_on_rollouts(name):
+    inputs = _loss_inputs(with_offline=name == "f_hal")
+    config = LossConfig(name=name, divergence="pearson", lam=0.5)
+    out = get_loss(name)(inputs, config)
+    (grad,) = torch.autograd.grad(out.loss, inputs.logps)
+    seq_grad = (grad * inputs.mask).sum(1)
+    pos, neg = inputs.advantages > 0, inputs.advantages < 0
+    assert (seq_grad[pos] < 0).all() if name != "dpo" else (seq_grad[pos] <= 0).all()
+    assert (seq_grad[neg] > 0).all() if name != "dpo" else (seq_grad[neg] >= 0).all()
+    assert seq_grad.abs().sum() > 0
+    assert all(isinstance(v, float) for v in out.metrics.values())
+
+
+def test_f_hal_adapter_requires_offline_batch():
+    with pytest.raises(ValueError, match="needs an offline preference minibatch"):
+        get_loss("f_hal")(_loss_inputs(), LossConfig(name="f_hal", lam=0.5))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "ppo"}, "unknown loss 'ppo' \\(parameter 'loss'\\)"),
+        ({"divergence": "chi"}, "unknown divergence 'chi' \\(parameter 'divergence'\\)"),
+        ({"beta": 0.0}, "beta must be a finite number > 0"),
+        ({"lam": 2.0}, "lam \\(λ\\) must lie in \\[0, 1\\]"),
+        ({"weights": "is"}, "unknown weights 'is'"),
+        ({"aggregation": "sum"}, "unknown aggregation 'sum'"),
+    ],
+)
+def test_loss_config_rejects_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**kwargs)
+
+
+def test_f_grpo_bad_inputs():
+    logps, ref, rewards = _batch()
+    adv = group_advantages(rewards, G)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        f_grpo_loss(logps, ref[:-1], adv, divergence="kl", group_size=G)
+    with pytest.raises(ValueError, match="not divisible by group_size=5"):
+        f_grpo_loss(logps, ref, adv, divergence="kl", group_size=5)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        f_grpo_loss(logps, ref, adv, divergence="kls", group_size=G)
+    with pytest.raises(ValueError, match="advantages must be finite"):
+        f_grpo_loss(logps, ref, adv * float("nan"), divergence="kl", group_size=G)
+    with pytest.raises(ValueError, match="flat"):
+        f_grpo_loss(logps.view(3, 4), ref.view(3, 4), adv.view(3, 4), divergence="kl", group_size=G)
+    with pytest.raises(ValueError, match="at least one chosen and one rejected"):
+        fdo_loss(logps[:0], ref[:0], logps, ref, divergence="kl")
