@@ -95,7 +95,13 @@ def test_snis_weights_and_effective_sample_size():
     equal = torch.tensor([1.0, 1.0, 0.0, 0.0] * 3, dtype=torch.float64)
     adv = group_advantages(equal, G)
     out = f_grpo_loss(
-        logps, ref, adv, divergence="kl", group_size=G, weights="snis", old_logps=flat_old,
+        logps,
+        ref,
+        adv,
+        divergence="kl",
+        group_size=G,
+        weights="snis",
+        old_logps=flat_old,
         rewards=equal,
     )
     assert out.metrics["ess_aligned"] == pytest.approx(2.0)
@@ -110,7 +116,12 @@ def test_authors_surrogate_has_the_same_first_step_gradient(name):
     default = f_grpo_loss(logps, ref, adv, divergence=name, group_size=G).loss
     (grad_default,) = torch.autograd.grad(default, logps)
     authors = f_grpo_loss(
-        logps, ref, adv, divergence=name, group_size=G, old_logps=logps.detach(),
+        logps,
+        ref,
+        adv,
+        divergence=name,
+        group_size=G,
+        old_logps=logps.detach(),
         old_ratio_coef=1.0,
     ).loss
     (grad_authors,) = torch.autograd.grad(authors, logps)
@@ -123,8 +134,12 @@ def test_fdo_raises_chosen_and_lowers_rejected(name):
     chosen = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
     rejected = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_(True)
     out = fdo_loss(
-        chosen, torch.zeros(5, dtype=torch.float64), rejected,
-        torch.zeros(3, dtype=torch.float64), divergence=name, beta=0.1,
+        chosen,
+        torch.zeros(5, dtype=torch.float64),
+        rejected,
+        torch.zeros(3, dtype=torch.float64),
+        divergence=name,
+        beta=0.1,
     )
     out.loss.backward()
     assert (chosen.grad < 0).all()
@@ -178,8 +193,16 @@ def test_f_hal_rejects_lambda_outside_unit_interval(lam):
     logps, ref, rewards = _batch()
     with pytest.raises(ValueError, match=r"lam \(λ\) must lie in \[0, 1\]"):
         f_hal_loss(
-            logps, ref, group_advantages(rewards, G), None, None, None, None,
-            divergence="kl", lam=lam, group_size=G,
+            logps,
+            ref,
+            group_advantages(rewards, G),
+            None,
+            None,
+            None,
+            None,
+            divergence="kl",
+            lam=lam,
+            group_size=G,
         )
 
 
@@ -282,8 +305,14 @@ def _loss_inputs(with_offline=False):
             torch.tensor([-2.0], dtype=torch.float64),
         )
     return LossInputs(
-        logps=logps, ref_logps=logps.detach() + 0.1, old_logps=logps.detach(), mask=mask,
-        advantages=adv, rewards=rewards, group_size=4, offline=offline,
+        logps=logps,
+        ref_logps=logps.detach() + 0.1,
+        old_logps=logps.detach(),
+        mask=mask,
+        advantages=adv,
+        rewards=rewards,
+        group_size=4,
+        offline=offline,
     )
 
 

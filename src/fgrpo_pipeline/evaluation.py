@@ -1,0 +1,132 @@
+"""Held-out evaluation of a policy: greedy and sampled accuracy, reward, KL, length.
+
+Uses the same rollout engine and reward functions as training, in batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from fgrpo_pipeline.labeling import score_rollouts
+from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.rewards import combine_rewards, get_reward
+from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
+
+
+@dataclass
+class EvaluationConfig:
+    """Parameters of ``evaluation`` (parameters_evaluation.yml)."""
+
+    k_samples: int = 4
+    batch_prompts: int = 64
+    max_prompts: int = 0
+    engine: str = "hf"
+    rewards: dict | None = None
+    correctness_reward: str = "exact_number"
+    sampling: SamplingConfig | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("k_samples", "batch_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"evaluation parameter {name!r} must be ≥ 1")
+        if self.max_prompts < 0:
+            raise ValueError("evaluation parameter 'max_prompts' must be ≥ 0 (0 = all)")
+        self.rewards = dict(self.rewards or {"exact_number": 1.0})
+        if isinstance(self.sampling, dict) or self.sampling is None:
+            self.sampling = SamplingConfig(**(self.sampling or {}))
+        get_engine(self.engine)
+        get_reward(self.correctness_reward)
+        combine_rewards(self.rewards)
+
+
+def _evaluate_batch(policy, reference, prompts, truths, k, sampling, engine, reward_fn, correct_fn):
+    batch = engine.generate(policy, prompts, k, sampling)
+    scored = score_rollouts(
+        batch.completions,
+        batch.prompts,
+        [t for t in truths for _ in range(k)],
+        reward_fn=reward_fn,
+        correctness_fn=correct_fn,
+        group_size=k,
+    )
+    with torch.no_grad():
+        ref = token_logprobs(
+            reference,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            sampling.temperature,
+        )
+    kl = ((batch.old_logps - ref) * batch.completion_mask).sum(dim=1)
+    return batch, scored, kl
+
+
+def evaluate_policy(
+    policy: Policy, reference: Policy, prompts: pd.DataFrame, config: EvaluationConfig
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """Metrics of ``policy`` on ``prompts`` and one row per sampled completion.
+
+    ``sampled_accuracy`` is pass@1 averaged over ``k_samples`` samples per prompt;
+    ``greedy_accuracy`` decodes once without sampling; ``kl_to_ref`` is the mean over samples
+    of Σ_t log π(y_t)/π_ref(y_t), an unbiased estimate of KL(π‖π_ref).
+    """
+    if config.max_prompts:
+        prompts = prompts.iloc[: config.max_prompts]
+    engine = get_engine(config.engine)
+    reward_fn = combine_rewards(config.rewards)
+    correct_fn = get_reward(config.correctness_reward)
+    greedy = SamplingConfig(**{**asdict(config.sampling), "do_sample": False})
+    sampled_rows, greedy_correct = [], []
+    for start in range(0, len(prompts), config.batch_prompts):
+        chunk = prompts.iloc[start : start + config.batch_prompts]
+        texts, truths = chunk["prompt"].tolist(), chunk["ground_truth"].tolist()
+        batch, scored, kl = _evaluate_batch(
+            policy,
+            reference.model,
+            texts,
+            truths,
+            config.k_samples,
+            config.sampling,
+            engine,
+            reward_fn,
+            correct_fn,
+        )
+        sampled_rows.append(
+            pd.DataFrame(
+                {
+                    "prompt_id": [i for i in chunk["id"].tolist() for _ in range(config.k_samples)],
+                    "prompt": batch.prompts,
+                    "ground_truth": [t for t in truths for _ in range(config.k_samples)],
+                    "completion": batch.completions,
+                    "reward": scored.rewards.tolist(),
+                    "correct": scored.correct.tolist(),
+                    "length": batch.lengths.tolist(),
+                    "log_ratio_to_ref": kl.tolist(),
+                }
+            )
+        )
+        g_batch = engine.generate(policy, texts, 1, greedy)
+        g_scores = score_rollouts(
+            g_batch.completions,
+            g_batch.prompts,
+            truths,
+            reward_fn=reward_fn,
+            correctness_fn=correct_fn,
+            group_size=1,
+        )
+        greedy_correct.extend(g_scores.correct.tolist())
+    samples = pd.concat(sampled_rows, ignore_index=True)
+    metrics = {
+        "n_prompts": len(prompts),
+        "k_samples": config.k_samples,
+        "sampled_accuracy": float(samples["correct"].mean()),
+        "greedy_accuracy": float(sum(greedy_correct) / len(greedy_correct)),
+        "mean_reward": float(samples["reward"].mean()),
+        "kl_to_ref": float(samples["log_ratio_to_ref"].mean()),
+        "completion_length": float(samples["length"].mean()),
+    }
+    return metrics, samples

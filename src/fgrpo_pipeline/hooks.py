@@ -1,0 +1,43 @@
+"""Project hooks: validate every parameter file before any node runs."""
+
+from __future__ import annotations
+
+import logging
+
+from kedro.framework.hooks import hook_impl
+
+from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
+from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
+from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
+from fgrpo_pipeline.pipelines.reward_labeling.nodes import check_params as check_labeling
+from fgrpo_pipeline.pipelines.rollout_generation.nodes import check_params as check_rollouts
+from fgrpo_pipeline.pipelines.training.nodes import check_params as check_training
+
+logger = logging.getLogger(__name__)
+
+CHECKS = {
+    "data_preparation": check_data,
+    "base_policy": check_base_policy,
+    "rollout_generation": check_rollouts,
+    "reward_labeling": check_labeling,
+    "training": check_training,
+    "evaluation": check_evaluation,
+}
+
+
+class ParameterValidationHook:
+    """Runs each pipeline's parameter check up front, so a typo stops the run at once."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
+        needed = {
+            name.removeprefix("params:").split(".")[0]
+            for name in pipeline.inputs() | {i for n in pipeline.nodes for i in n.inputs}
+            if name.startswith("params:")
+        }
+        params = catalog.load("parameters")
+        for key in sorted(needed & CHECKS.keys()):
+            if key not in params:
+                raise ValueError(f"parameters_{key}.yml: the '{key}' block is missing")
+            CHECKS[key](params[key])
+        logger.info("parameters checked: %s", ", ".join(sorted(needed & CHECKS.keys())))

@@ -1,0 +1,62 @@
+"""Nodes of ``reward_labeling``: rewards, group advantages and the aligned/unaligned split.
+
+Parameters: parameters_reward_labeling.yml.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from fgrpo_pipeline.advantages import ADVANTAGE_SCALES
+from fgrpo_pipeline.labeling import (
+    ROLLOUT_COLUMNS,
+    label_table,
+    score_rollouts,
+    split_sides,
+    summarise_groups,
+)
+from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
+
+
+def check_params(params: dict[str, Any]) -> None:
+    combine_rewards(dict(params.get("rewards") or {}))
+    REWARDS.check(params.get("correctness_reward"), "reward_labeling.correctness_reward")
+    if params.get("advantage_scale") not in ADVANTAGE_SCALES:
+        raise ValueError(
+            "parameters_reward_labeling.yml: advantage_scale must be one of "
+            f"{', '.join(ADVANTAGE_SCALES)}"
+        )
+
+
+def _group_size(rollouts: pd.DataFrame) -> int:
+    missing = [c for c in ROLLOUT_COLUMNS if c not in rollouts.columns]
+    if missing:
+        raise ValueError(f"rollouts table is missing column(s) {missing}")
+    sizes = rollouts.groupby("group").size()
+    if sizes.nunique() != 1:
+        raise ValueError(f"rollouts table has groups of unequal size: {sorted(set(sizes))}")
+    if not rollouts["group"].is_monotonic_increasing:
+        raise ValueError("rollouts table must list each group's rows consecutively")
+    return int(sizes.iloc[0])
+
+
+def label_rollouts(
+    rollouts: pd.DataFrame, params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(labeled rollouts, aligned split a > 0, unaligned split a ≤ 0, per-group summary)."""
+    check_params(params)
+    g = _group_size(rollouts)
+    scored = score_rollouts(
+        rollouts["completion"].tolist(),
+        rollouts["prompt"].tolist(),
+        rollouts["ground_truth"].tolist(),
+        reward_fn=combine_rewards(dict(params["rewards"])),
+        correctness_fn=get_reward(params["correctness_reward"]),
+        group_size=g,
+        advantage_scale=params["advantage_scale"],
+    )
+    labeled = label_table(rollouts, scored)
+    aligned, unaligned = split_sides(labeled)
+    return labeled, aligned, unaligned, summarise_groups(labeled, g)

@@ -1,0 +1,360 @@
+"""The online RL loop: rollout → score → advantages → loss → optimiser step, per batch.
+
+Plain torch (no Kedro, no MLflow). One optimiser step per rollout batch, so the sampling
+policy π_old is the policy at the start of the step and its log-probabilities come from
+generation itself; the reference π_ref is a frozen copy of the starting policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from fgrpo_pipeline.advantages import ADVANTAGE_SCALES, frac_reward_zero_std
+from fgrpo_pipeline.labeling import score_rollouts
+from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
+from fgrpo_pipeline.modeling import Policy, set_seed
+from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
+from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine, token_logprobs
+
+
+@dataclass
+class TrainerConfig:
+    """Parameters of the online loop (``training`` in parameters_training.yml)."""
+
+    steps: int = 200
+    prompts_per_step: int = 16
+    group_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    advantage_scale: str = "group"
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_number": 1.0})
+    correctness_reward: str = "exact_number"
+    engine: str = "hf"
+    offline_batch_size: int = 16
+    checkpoint_every: int = 0
+    log_completions_every: int = 0
+    num_threads: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "offline_batch_size"):
+            _require(getattr(self, name) >= 1, name, "must be ≥ 1")
+        _require(self.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare G ≥ 2)")
+        _require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "learning_rate",
+            "must be > 0",
+        )
+        _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        for name in ("checkpoint_every", "log_completions_every", "num_threads", "weight_decay"):
+            _require(getattr(self, name) >= 0, name, "must be ≥ 0")
+        _require(
+            self.advantage_scale in ADVANTAGE_SCALES,
+            "advantage_scale",
+            f"must be one of {', '.join(ADVANTAGE_SCALES)}",
+        )
+        ENGINES.check(self.engine, "training.engine")
+        REWARDS.check(self.correctness_reward, "training.correctness_reward")
+        combine_rewards(self.rewards)  # validates names and weights
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainerConfig:
+        """Build from the flat ``training`` parameters; unknown keys are an error.
+
+        The loss is chosen by ``loss`` (a name) with its options beside it at top level
+        (``divergence``, ``beta``, ``lam``, …), so one ``--params training.x=y`` switches it.
+        """
+        loss_keys = {f.name for f in fields(LossConfig)} - {"name"}
+        known = {f.name for f in fields(cls)} | loss_keys
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training parameter(s) {unknown}; valid: {', '.join(sorted(known))}"
+            )
+        values = {k: v for k, v in params.items() if k not in loss_keys and k != "loss"}
+        values["sampling"] = SamplingConfig(**dict(params.get("sampling") or {}))
+        values["loss"] = LossConfig(
+            name=params.get("loss", "f_grpo"), **{k: params[k] for k in loss_keys if k in params}
+        )
+        if "rewards" in values:
+            values["rewards"] = dict(values["rewards"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"training parameter {name!r} {message}")
+
+
+@dataclass
+class PreferenceData:
+    """Offline aligned / unaligned samples for FDO and f-HAL: prompt and completion texts."""
+
+    chosen_prompts: list[str]
+    chosen_completions: list[str]
+    rejected_prompts: list[str]
+    rejected_completions: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.chosen_prompts or not self.rejected_prompts:
+            raise ValueError(
+                "preference data needs at least one aligned and one unaligned sample, got "
+                f"{len(self.chosen_prompts)} aligned and {len(self.rejected_prompts)} unaligned"
+            )
+
+
+@dataclass
+class TrainingResult:
+    """The trained policy, one metrics row per step, checkpoints and logged completions."""
+
+    policy: Policy
+    metrics: pd.DataFrame
+    checkpoints: dict[int, Policy]
+    completions: pd.DataFrame
+
+
+def encode_completions(
+    tokenizer, prompts: list[str], completions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt ids/mask (left-padded, BOS first) and completion ids/mask (EOS appended)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    completion_tokens = [
+        tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        for c in completions
+    ]
+    width = max(len(ids) for ids in completion_tokens)
+    completion_ids = torch.full((len(completions), width), tokenizer.pad_token_id)
+    completion_mask = torch.zeros(len(completions), width)
+    for row, ids in enumerate(completion_tokens):
+        completion_ids[row, : len(ids)] = torch.tensor(ids)
+        completion_mask[row, : len(ids)] = 1.0
+    return enc["input_ids"], enc["attention_mask"].float(), completion_ids, completion_mask
+
+
+def _sequence_logps(model, tokenizer, prompts, completions, *, temperature, grad):
+    prompt_ids, prompt_mask, completion_ids, completion_mask = encode_completions(
+        tokenizer, prompts, completions
+    )
+    with torch.set_grad_enabled(grad):
+        per_token = token_logprobs(
+            model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature
+        )
+    return (per_token * completion_mask).sum(dim=1)
+
+
+def _offline_minibatch(
+    data: PreferenceData, policy: Policy, reference, size: int, gen: torch.Generator, temperature
+) -> PreferenceInputs:
+    def draw(prompts: list[str], completions: list[str]):
+        idx = torch.randint(len(prompts), (size,), generator=gen).tolist()
+        ps, cs = [prompts[i] for i in idx], [completions[i] for i in idx]
+        logps = _sequence_logps(
+            policy.model, policy.tokenizer, ps, cs, temperature=temperature, grad=True
+        )
+        ref = _sequence_logps(
+            reference, policy.tokenizer, ps, cs, temperature=temperature, grad=False
+        )
+        return logps, ref
+
+    chosen, chosen_ref = draw(data.chosen_prompts, data.chosen_completions)
+    rejected, rejected_ref = draw(data.rejected_prompts, data.rejected_completions)
+    return PreferenceInputs(chosen, chosen_ref, rejected, rejected_ref)
+
+
+def _uses_offline_data(loss: LossConfig) -> bool:
+    """FDO and DPO train on preference data when given; f-HAL needs it when λ > 0."""
+    return loss.name in ("fdo", "dpo") or (loss.name == "f_hal" and loss.lam > 0)
+
+
+def _snapshot(policy: Policy) -> Policy:
+    return Policy(model=copy.deepcopy(policy.model).eval(), tokenizer=policy.tokenizer)
+
+
+def train(
+    policy: Policy,
+    prompts: pd.DataFrame,
+    config: TrainerConfig,
+    *,
+    preferences: PreferenceData | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainingResult:
+    """Train ``policy`` online on ``prompts`` (columns id, prompt, ground_truth).
+
+    The input policy is not modified: training works on a copy, and the starting weights
+    stay as the frozen reference.
+    """
+    if config.loss.name == "f_hal" and config.loss.lam > 0 and preferences is None:
+        raise ValueError("loss f_hal with lam > 0 needs preference data (aligned/unaligned)")
+    if len(prompts) < 1:
+        raise ValueError("training needs at least one prompt")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    set_seed(config.seed)
+
+    reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+    policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer)
+    model = policy.model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    engine = get_engine(config.engine)
+    loss_fn = get_loss(config.loss.name)
+    reward_fn = combine_rewards(config.rewards)
+    correctness_fn = get_reward(config.correctness_reward)
+    gen = torch.Generator().manual_seed(config.seed)
+    temperature = config.sampling.temperature
+    g = config.group_size
+
+    rows: list[dict[str, float]] = []
+    checkpoints: dict[int, Policy] = {}
+    completion_tables: list[pd.DataFrame] = []
+    skipped = 0
+    bar = tqdm(range(1, config.steps + 1), desc=f"train {config.loss.name}", disable=not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        pick = torch.randint(len(prompts), (config.prompts_per_step,), generator=gen).tolist()
+        chosen = prompts.iloc[pick]
+        sampling = SamplingConfig(
+            **{**asdict(config.sampling), "seed": config.seed * 100_003 + step}
+        )
+        batch = engine.generate(policy, chosen["prompt"].tolist(), g, sampling)
+        t1 = time.perf_counter()
+
+        ground_truths = [gt for gt in chosen["ground_truth"].tolist() for _ in range(g)]
+        scored = score_rollouts(
+            batch.completions,
+            batch.prompts,
+            ground_truths,
+            reward_fn=reward_fn,
+            correctness_fn=correctness_fn,
+            group_size=g,
+            advantage_scale=config.advantage_scale,
+        )
+        with torch.no_grad():
+            ref_logps = token_logprobs(
+                reference,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.completion_ids,
+                batch.completion_mask,
+                temperature,
+            )
+        t2 = time.perf_counter()
+
+        logps = token_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            temperature,
+        )
+        offline = None
+        if preferences is not None and _uses_offline_data(config.loss):
+            offline = _offline_minibatch(
+                preferences, policy, reference, config.offline_batch_size, gen, temperature
+            )
+        inputs = LossInputs(
+            logps=logps,
+            ref_logps=ref_logps,
+            old_logps=batch.old_logps,
+            mask=batch.completion_mask,
+            advantages=scored.advantages,
+            rewards=scored.rewards,
+            group_size=g,
+            offline=offline,
+        )
+        out = loss_fn(inputs, config.loss)
+        optimizer.zero_grad(set_to_none=True)
+        applied = torch.isfinite(out.loss).item()
+        grad_norm = math.nan
+        if applied:
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            applied = torch.isfinite(grad_norm).item()
+            if applied:
+                optimizer.step()
+        skipped += not applied
+        t3 = time.perf_counter()
+
+        mask = batch.completion_mask
+        log_ratio_ref = ((batch.old_logps - ref_logps) * mask).sum(dim=1)
+        generated_tokens = int(mask.sum().item())
+        row = {
+            "step": step,
+            "reward_mean": scored.rewards.mean().item(),
+            "reward_std": scored.rewards.std().item(),
+            "accuracy": scored.correct.float().mean().item(),
+            "frac_reward_zero_std": frac_reward_zero_std(scored.rewards, g),
+            "loss": out.loss.item(),
+            "kl_to_ref": log_ratio_ref.mean().item(),
+            "completion_length": batch.lengths.float().mean().item(),
+            "frac_truncated": batch.truncated.float().mean().item(),
+            "grad_norm": float(grad_norm),
+            "skipped_steps": skipped,
+            "time_generation": t1 - t0,
+            "time_scoring": t2 - t1,
+            "time_update": t3 - t2,
+            "time_step": t3 - t0,
+            "tokens_per_second": generated_tokens / max(t3 - t0, 1e-9),
+        }
+        row.update(out.metrics)
+        rows.append(row)
+        if on_step is not None:
+            on_step(step, row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}")
+
+        if config.log_completions_every and step % config.log_completions_every == 0:
+            completion_tables.append(
+                pd.DataFrame(
+                    {
+                        "step": step,
+                        "prompt": batch.prompts,
+                        "completion": batch.completions,
+                        "reward": scored.rewards.tolist(),
+                        "advantage": scored.advantages.tolist(),
+                        "side": [
+                            "aligned" if a > 0 else "unaligned" for a in scored.advantages.tolist()
+                        ],
+                        "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
+                    }
+                )
+            )
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            checkpoints[step] = _snapshot(policy)
+
+    model.eval()
+    completions = (
+        pd.concat(completion_tables, ignore_index=True)
+        if completion_tables
+        else pd.DataFrame(
+            columns=[
+                "step",
+                "prompt",
+                "completion",
+                "reward",
+                "advantage",
+                "side",
+                "implicit_reward",
+            ]
+        )
+    )
+    return TrainingResult(
+        policy=policy, metrics=pd.DataFrame(rows), checkpoints=checkpoints, completions=completions
+    )

@@ -1,0 +1,257 @@
+"""The HF rollout engine and teacher-forced log-probs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.rollout import (
+    ENGINES,
+    HFEngine,
+    RolloutBatch,
+    SamplingConfig,
+    get_engine,
+    token_logprobs,
+)
+from fgrpo_pipeline.warmup import supervised_warmup
+
+# Different lengths on purpose: the shorter prompts are left-padded.
+PROMPTS = ["1+2=", "12*13=", "5-9=", "27+8="]
+TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
+TINY["intermediate_size"] = 64
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """A briefly warmed-up policy: emits EOS often, but not always within 2 tokens."""
+    rng = random.Random(0)
+    pairs = [(rng.randrange(30), rng.randrange(30)) for _ in range(200)]
+    policy = build_tiny_policy(build_char_tokenizer(), **TINY)
+    supervised_warmup(
+        policy,
+        [f"{a}+{b}=" for a, b in pairs],
+        [str(a + b) for a, b in pairs],
+        steps=60,
+        batch_size=32,
+        learning_rate=1e-2,
+        seed=0,
+        progress=False,
+    )
+    return policy
+
+
+def _generate(policy, prompts=PROMPTS, group_size=3, **sampling) -> RolloutBatch:
+    return get_engine("hf").generate(policy, prompts, group_size, SamplingConfig(**sampling))
+
+
+def _recompute(policy, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    with torch.no_grad():
+        return token_logprobs(
+            policy.model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            temperature=temperature,
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    ],
+)
+def test_sampling_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**kwargs)
+
+
+def test_engine_registry():
+    assert "hf" in ENGINES
+    assert isinstance(get_engine("hf"), HFEngine)
+    with pytest.raises(ValueError, match="hf"):
+        get_engine("no-such-engine")
+
+
+def test_generate_rejects_bad_arguments(policy):
+    with pytest.raises(ValueError, match="prompts"):
+        _generate(policy, prompts=[])
+    with pytest.raises(ValueError, match="group_size"):
+        _generate(policy, group_size=0)
+
+
+def test_batch_shapes_and_group_layout(policy):
+    g = 3
+    batch = _generate(policy, group_size=g, max_new_tokens=5)
+    n = len(PROMPTS) * g
+    t_prompt = max(len(p) for p in PROMPTS) + 1
+    assert len(batch) == n
+    assert batch.group_size == g
+    assert batch.prompt_ids.shape == batch.prompt_mask.shape == (n, t_prompt)
+    t_completion = batch.completion_ids.shape[1]
+    assert 1 <= t_completion <= 5
+    for name in ("completion_mask", "old_logps"):
+        assert getattr(batch, name).shape == (n, t_completion)
+    assert batch.lengths.shape == batch.truncated.shape == (n,)
+    assert batch.prompt_mask.dtype == batch.completion_mask.dtype == torch.float32
+    assert batch.truncated.dtype == torch.bool
+    assert len(batch.completions) == n
+    # Rows i*G .. i*G+G-1 belong to prompt i.
+    assert batch.prompts == [p for p in PROMPTS for _ in range(g)]
+    decoded = policy.tokenizer.batch_decode(batch.prompt_ids, skip_special_tokens=True)
+    assert decoded == batch.prompts
+
+
+def test_prompts_are_left_padded_with_bos_at_the_first_real_position(policy):
+    tok = policy.tokenizer
+    batch = _generate(policy, group_size=2)
+    for row, mask in zip(batch.prompt_ids, batch.prompt_mask, strict=True):
+        n_pad = int((mask == 0).sum())
+        assert mask[n_pad:].eq(1).all()
+        assert row[:n_pad].eq(tok.pad_token_id).all()
+        assert row[n_pad].item() == tok.bos_token_id
+
+
+def test_completion_mask_lengths_and_truncation_follow_the_first_eos(policy):
+    tok = policy.tokenizer
+    # Sums of two operands < 30 have 1-2 digits: with 2 new tokens some rows cannot fit EOS.
+    batch = _generate(policy, group_size=8, max_new_tokens=2)
+    assert batch.truncated.any()
+    assert (~batch.truncated).any()
+    t_completion = batch.completion_ids.shape[1]
+    for i in range(len(batch)):
+        ids, mask, n = batch.completion_ids[i], batch.completion_mask[i], int(batch.lengths[i])
+        assert mask.tolist() == [1.0] * n + [0.0] * (t_completion - n)
+        assert ids[n:].eq(tok.pad_token_id).all()
+        eos_at = (ids[:n] == tok.eos_token_id).nonzero().flatten().tolist()
+        if batch.truncated[i]:
+            assert eos_at == []
+            assert n == t_completion == 2
+        else:
+            assert eos_at == [n - 1]
+        assert batch.completions[i] == tok.decode(ids[:n], skip_special_tokens=True)
+        assert (batch.old_logps[i, n:] == 0).all()
+        assert (batch.old_logps[i, :n] < 0).all()
+
+
+def test_same_seed_same_samples_different_seed_different_samples(policy):
+    a = _generate(policy, seed=0, temperature=1.5, max_new_tokens=6)
+    b = _generate(policy, seed=0, temperature=1.5, max_new_tokens=6)
+    c = _generate(policy, seed=1, temperature=1.5, max_new_tokens=6)
+    assert a.completions == b.completions
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.old_logps, b.old_logps)
+    assert a.completions != c.completions
+
+
+def test_sampling_ignores_knobs_in_the_model_generation_config(policy):
+    """Knobs of a checkpoint's generation_config would make old_logps lie about the sampler."""
+    saved = policy.model.generation_config
+    digits = [[policy.tokenizer.convert_tokens_to_ids(d)] for d in "0123456789"]
+    config = saved.__class__.from_dict({**saved.to_dict(), "bad_words_ids": digits})
+    policy.model.generation_config = config
+    try:
+        batch = _generate(policy, group_size=4)
+        assert policy.model.generation_config is config
+    finally:
+        policy.model.generation_config = saved
+    assert any(c.isdigit() for c in "".join(batch.completions))
+
+
+def test_greedy_decoding_ignores_the_seed(policy):
+    a = _generate(policy, do_sample=False, seed=0)
+    b = _generate(policy, do_sample=False, seed=1)
+    assert a.completions == b.completions
+    # Greedy: all G copies of a prompt are identical.
+    assert all(len(set(a.completions[i : i + 3])) == 1 for i in range(0, len(a), 3))
+
+
+def test_generate_leaves_global_rng_and_train_mode_untouched(policy):
+    policy.model.train()
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    _generate(policy)
+    assert torch.equal(torch.rand(4), expected)
+    assert policy.model.training
+    policy.model.eval()
+    _generate(policy)
+    assert not policy.model.training
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1.0, "max_new_tokens": 6},
+        {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 6, "seed": 3},
+        {"temperature": 1.3, "max_new_tokens": 3, "seed": 4},
+    ],
+)
+def test_old_logps_equal_teacher_forced_logprobs(policy, sampling):
+    batch = _generate(policy, group_size=4, **sampling)
+    assert batch.prompt_mask.eq(0).any(), "the check needs left-padded prompts"
+    recomputed = _recompute(policy, batch, temperature=sampling["temperature"])
+    torch.testing.assert_close(recomputed, batch.old_logps, atol=1e-4, rtol=0)
+
+
+def test_old_logps_match_for_an_untrained_high_entropy_policy():
+    fresh = build_tiny_policy(build_char_tokenizer(), seed=5, **TINY)
+    batch = _generate(fresh, group_size=2, max_new_tokens=8)
+    torch.testing.assert_close(_recompute(fresh, batch), batch.old_logps, atol=1e-4, rtol=0)
+
+
+def test_token_logprobs_do_not_depend_on_left_padding(policy):
+    """A row's log-probs are the same alone and left-padded next to a longer prompt."""
+    batch = _generate(policy, prompts=["1+2=", "12*13="], group_size=1, max_new_tokens=4)
+    batched = _recompute(policy, batch)
+    alone = get_engine("hf").generate(policy, ["1+2="], 1, SamplingConfig(max_new_tokens=4))
+    n = int(batch.lengths[0])
+    assert batch.prompt_mask[0].eq(0).sum() == 2
+    with torch.no_grad():
+        single = token_logprobs(
+            policy.model,
+            alone.prompt_ids[:1],
+            alone.prompt_mask[:1],
+            batch.completion_ids[:1, :n],
+            batch.completion_mask[:1, :n],
+        )
+    torch.testing.assert_close(single, batched[:1, :n], atol=1e-5, rtol=0)
+
+
+def test_token_logprobs_carry_gradients_only_through_real_tokens(policy):
+    batch = _generate(policy, group_size=2, max_new_tokens=3)
+    policy.model.zero_grad()
+    logps = token_logprobs(
+        policy.model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.completion_ids,
+        batch.completion_mask,
+    )
+    assert logps.requires_grad
+    assert (logps[batch.completion_mask == 0] == 0).all()
+    logps.sum().backward()
+    grads = [p.grad for p in policy.model.parameters() if p.grad is not None]
+    assert grads
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    policy.model.zero_grad()
+
+
+def test_token_logprobs_temperature_scales_logits(policy):
+    batch = _generate(policy, group_size=1, max_new_tokens=3)
+    cold = _recompute(policy, batch, temperature=0.5)
+    warm = _recompute(policy, batch, temperature=1.0)
+    mask = batch.completion_mask.bool()
+    assert not torch.allclose(cold[mask], warm[mask])
+    with pytest.raises(ValueError, match="temperature"):
+        _recompute(policy, batch, temperature=0.0)

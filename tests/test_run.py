@@ -1,0 +1,83 @@
+"""The whole workflow through real Kedro sessions, at a size CI runs in well under a minute."""
+
+import json
+
+import pandas as pd
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from fgrpo_pipeline.pipeline_registry import STAGES
+
+pytestmark = pytest.mark.slow
+
+# Addition of one-digit numbers: a format and a skill the warm-up half-learns in seconds.
+SMALL = {
+    "data_preparation": {
+        "arithmetic": {"n_train": 80, "n_test": 20, "operations": ["+"], "operand_max": 9}
+    },
+    "base_policy": {"progress": False, "warmup": {"steps": 120, "batch_size": 32}},
+    "rollout_generation": {"num_prompts": 8},
+    "training": {
+        "steps": 60,
+        "prompts_per_step": 8,
+        "learning_rate": 0.001,
+        "checkpoint_every": 30,
+        "log_completions_every": 20,
+        "progress": False,
+    },
+    "evaluation": {"k_samples": 2},
+}
+
+
+def run(project, pipeline_name, extra=None):
+    bootstrap_project(project)
+    params = {**SMALL, **(extra or {})}
+    with KedroSession.create(project_path=project, runtime_params=params) as session:
+        session.run(pipeline_names=[pipeline_name])
+
+
+def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
+    for name in STAGES:
+        run(project_copy, name)
+    data = project_copy / "data"
+
+    prompts = pd.read_parquet(data / "03_primary/prompts.parquet")
+    assert len(prompts) == 100 and set(prompts["split"]) == {"train", "test"}
+
+    labeled = pd.read_parquet(data / "05_model_input/labeled_rollouts.parquet")
+    aligned = pd.read_parquet(data / "05_model_input/aligned.parquet")
+    unaligned = pd.read_parquet(data / "05_model_input/unaligned.parquet")
+    assert len(labeled) == 8 * 8
+    assert len(aligned) + len(unaligned) == len(labeled)
+    assert (aligned["advantage"] > 0).all() and (unaligned["advantage"] <= 0).all()
+    assert len(aligned) == int((labeled["advantage"] > 0).sum())
+    key = ["prompt_id", "completion", "advantage"]
+    pd.testing.assert_frame_equal(
+        aligned[key], labeled[labeled["advantage"] > 0][key].reset_index(drop=True)
+    )
+
+    metrics = pd.read_parquet(data / "07_model_output/training_metrics.parquet")
+    assert len(metrics) == 60
+    first, last = metrics["reward_mean"].iloc[:15].mean(), metrics["reward_mean"].iloc[-15:].mean()
+    assert last > first + 0.05, (first, last)
+
+    report = json.loads((data / "08_reporting/evaluation.json").read_text())
+    for side in ("base", "trained"):
+        assert report[side]["n_prompts"] == 20
+        for metric in ("sampled_accuracy", "greedy_accuracy"):
+            assert 0.0 <= report[side][metric] <= 1.0
+    assert report["base"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)
+    assert report["trained"]["kl_to_ref"] > 0
+    assert (data / "08_reporting/training_curves.png").stat().st_size > 10_000
+    checkpoints = sorted(p.name for p in (data / "06_models/training_checkpoints").iterdir())
+    assert checkpoints == ["step_000030", "step_000060"]
+    completions = pd.read_parquet(data / "07_model_output/training_completions.parquet")
+    assert set(completions["step"]) == {20, 40, 60}
+
+
+def test_invalid_parameter_stops_the_run_before_any_work(project_copy):
+    with pytest.raises(ValueError, match="unknown divergence 'chi2'.*valid divergence names"):
+        run(project_copy, "__default__", {"training": {**SMALL["training"], "divergence": "chi2"}})
+    # nothing ran: not even the first pipeline's output exists
+    assert not (project_copy / "data/03_primary/prompts.parquet").exists()

@@ -1,0 +1,133 @@
+"""The online loop on a real tiny transformer: determinism, metrics, losses, bad config."""
+
+import pandas as pd
+import pytest
+import torch
+
+from fgrpo_pipeline.data_sources import make_arithmetic_prompts
+from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.warmup import supervised_warmup
+
+TIMING = ["time_generation", "time_scoring", "time_update", "time_step", "tokens_per_second"]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return make_arithmetic_prompts(n_train=40, n_test=0, operations=("+",), operand_max=9)
+
+
+@pytest.fixture(scope="module")
+def policy(prompts):
+    """Half-taught one-digit addition, so groups have reward spread."""
+    policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
+    supervised_warmup(
+        policy,
+        prompts["prompt"].tolist(),
+        prompts["ground_truth"].tolist(),
+        steps=60,
+        batch_size=32,
+        learning_rate=3e-3,
+        seed=0,
+        progress=False,
+    )
+    return policy
+
+
+def config(**overrides):
+    params = {
+        "steps": 3,
+        "prompts_per_step": 4,
+        "group_size": 4,
+        "learning_rate": 1e-3,
+        "sampling": {"max_new_tokens": 3},
+        **overrides,
+    }
+    return TrainerConfig.from_params(params)
+
+
+def test_same_seed_gives_same_metrics_and_weights(policy, prompts):
+    first = train(policy, prompts, config(seed=7), progress=False)
+    second = train(policy, prompts, config(seed=7), progress=False)
+    pd.testing.assert_frame_equal(
+        first.metrics.drop(columns=TIMING), second.metrics.drop(columns=TIMING)
+    )
+    for a, b in zip(first.policy.model.parameters(), second.policy.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other = train(policy, prompts, config(seed=8), progress=False)
+    assert not first.metrics["loss"].equals(other.metrics["loss"])
+
+
+def test_training_leaves_the_input_policy_untouched(policy, prompts):
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    result = train(policy, prompts, config(), progress=False)
+    for p, q in zip(policy.model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    changed = any(
+        not torch.equal(p, q) for p, q in zip(result.policy.model.parameters(), before, strict=True)
+    )
+    assert changed
+
+
+def test_metrics_columns_checkpoints_and_completions(policy, prompts):
+    result = train(
+        policy,
+        prompts,
+        config(steps=4, checkpoint_every=2, log_completions_every=2),
+        progress=False,
+    )
+    expected = {
+        "step",
+        "reward_mean",
+        "reward_std",
+        "accuracy",
+        "frac_reward_zero_std",
+        "loss",
+        "divergence_estimate",
+        "kl_to_ref",
+        "completion_length",
+        *TIMING,
+    }
+    assert expected <= set(result.metrics.columns)
+    assert result.metrics["step"].tolist() == [1, 2, 3, 4]
+    assert result.metrics["kl_to_ref"].iloc[0] == pytest.approx(0.0, abs=1e-4)  # starts at π_ref
+    assert sorted(result.checkpoints) == [2, 4]
+    assert set(result.completions["step"]) == {2, 4}
+    assert len(result.completions) == 2 * 4 * 4
+    assert set(result.completions["side"]) <= {"aligned", "unaligned"}
+    aligned = result.completions["side"] == "aligned"
+    assert (result.completions.loc[aligned, "advantage"] > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["f_grpo", "grpo", "fdo", "dpo", "f_hal"])
+def test_every_loss_trains(policy, prompts, loss):
+    prefs = PreferenceData(["1+1="], ["2"], ["1+1=", "2+2="], ["3", "5"])
+    result = train(policy, prompts, config(loss=loss, lam=0.5), preferences=prefs, progress=False)
+    assert torch.isfinite(torch.tensor(result.metrics["loss"].to_numpy())).all()
+    assert (result.metrics["grad_norm"] > 0).any()
+    assert result.metrics["skipped_steps"].iloc[-1] == 0
+
+
+def test_f_hal_without_preferences_is_an_error(policy, prompts):
+    with pytest.raises(ValueError, match="needs preference data"):
+        train(policy, prompts, config(loss="f_hal", lam=0.5), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"loss": "ppo"}, "unknown loss 'ppo'"),
+        ({"divergence": "chi2"}, "unknown divergence 'chi2'.*kl, reverse_kl"),
+        ({"group_size": 1}, "'group_size' must be ≥ 2"),
+        ({"lam": 1.5}, r"lam \(λ\) must lie in \[0, 1\]"),
+        ({"beta": -1.0}, "beta must be a finite number > 0"),
+        ({"engine": "sglang"}, "unknown rollout engine 'sglang'"),
+        ({"rewards": {"exact": 1.0}}, "unknown reward 'exact'"),
+        ({"stepz": 3}, r"unknown training parameter\(s\) \['stepz'\]"),
+        ({"sampling": {"max_new_tokens": 4, "temperature": 0.0}}, "temperature must be > 0"),
+        ({"learning_rate": 0.0}, "'learning_rate' must be > 0"),
+    ],
+)
+def test_bad_training_parameters(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(**overrides)
