@@ -19,11 +19,11 @@ SMALL = {
     "base_policy": {"progress": False, "warmup": {"steps": 120, "batch_size": 32}},
     "rollout_generation": {"num_prompts": 8},
     "training": {
-        "steps": 60,
-        "prompts_per_step": 8,
-        "learning_rate": 0.001,
-        "checkpoint_every": 30,
-        "log_completions_every": 20,
+        "steps": 150,
+        "prompts_per_step": 16,
+        "learning_rate": 0.0003,
+        "checkpoint_every": 75,
+        "log_completions_every": 50,
         "progress": False,
     },
     "evaluation": {"k_samples": 2},
@@ -58,9 +58,9 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
     )
 
     metrics = pd.read_parquet(data / "07_model_output/training_metrics.parquet")
-    assert len(metrics) == 60
-    first, last = metrics["reward_mean"].iloc[:15].mean(), metrics["reward_mean"].iloc[-15:].mean()
-    assert last > first + 0.05, (first, last)
+    assert len(metrics) == 150
+    first, last = metrics["reward_mean"].iloc[:30].mean(), metrics["reward_mean"].iloc[-30:].mean()
+    assert last > first + 0.08, (first, last)
 
     report = json.loads((data / "08_reporting/evaluation.json").read_text())
     for side in ("base", "trained"):
@@ -71,9 +71,9 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
     assert report["trained"]["kl_to_ref"] > 0
     assert (data / "08_reporting/training_curves.png").stat().st_size > 10_000
     checkpoints = sorted(p.name for p in (data / "06_models/training_checkpoints").iterdir())
-    assert checkpoints == ["step_000030", "step_000060"]
+    assert checkpoints == ["step_000075", "step_000150"]
     completions = pd.read_parquet(data / "07_model_output/training_completions.parquet")
-    assert set(completions["step"]) == {20, 40, 60}
+    assert set(completions["step"]) == {50, 100, 150}
 
 
 def test_invalid_parameter_stops_the_run_before_any_work(project_copy):

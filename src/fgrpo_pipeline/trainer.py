@@ -49,6 +49,11 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool), name, "must be an integer"
+            )
         for name in ("steps", "prompts_per_step", "offline_batch_size"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1")
         _require(self.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare G ≥ 2)")
@@ -94,6 +99,18 @@ class TrainerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_INT_FIELDS = (
+    "steps",
+    "prompts_per_step",
+    "group_size",
+    "seed",
+    "offline_batch_size",
+    "checkpoint_every",
+    "log_completions_every",
+    "num_threads",
+)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
