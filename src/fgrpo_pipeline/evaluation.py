@@ -13,7 +13,7 @@ import torch
 from fgrpo_pipeline.labeling import score_rollouts
 from fgrpo_pipeline.modeling import Policy
 from fgrpo_pipeline.rewards import combine_rewards, get_reward
-from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
+from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine, repeat_each
 
 
 @dataclass
@@ -47,20 +47,13 @@ def _evaluate_batch(policy, reference, prompts, truths, k, sampling, engine, rew
     scored = score_rollouts(
         batch.completions,
         batch.prompts,
-        [t for t in truths for _ in range(k)],
+        repeat_each(truths, k),
         reward_fn=reward_fn,
         correctness_fn=correct_fn,
         group_size=k,
     )
     with torch.no_grad():
-        ref = token_logprobs(
-            reference,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            sampling.temperature,
-        )
+        ref = batch_logprobs(reference, batch, sampling.temperature)
     kl = ((batch.old_logps - ref) * batch.completion_mask).sum(dim=1)
     return batch, scored, kl
 
@@ -98,9 +91,9 @@ def evaluate_policy(
         sampled_rows.append(
             pd.DataFrame(
                 {
-                    "prompt_id": [i for i in chunk["id"].tolist() for _ in range(config.k_samples)],
+                    "prompt_id": repeat_each(chunk["id"].tolist(), config.k_samples),
                     "prompt": batch.prompts,
-                    "ground_truth": [t for t in truths for _ in range(config.k_samples)],
+                    "ground_truth": repeat_each(truths, config.k_samples),
                     "completion": batch.completions,
                     "reward": scored.rewards.tolist(),
                     "correct": scored.correct.tolist(),

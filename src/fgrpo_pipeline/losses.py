@@ -17,7 +17,7 @@ Each returns a :class:`LossOutput`: the differentiable scalar ``loss`` and a dic
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -474,17 +474,8 @@ def _no_signal(inputs: LossInputs, **metrics: float) -> LossOutput:
 
 @LOSSES.register("f_grpo")
 def _f_grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
-    return f_grpo_loss(
-        inputs.sequence(inputs.logps),
-        inputs.sequence(inputs.ref_logps),
-        inputs.advantages,
-        divergence=config.divergence,
-        beta=config.beta,
-        group_size=inputs.group_size,
-        weights=config.weights,
-        old_logps=inputs.sequence(inputs.old_logps),
-        rewards=inputs.rewards,
-    )
+    # f-HAL at λ = 0 is exactly f-GRPO (and needs no offline data).
+    return _f_hal(inputs, replace(config, lam=0.0))
 
 
 @LOSSES.register("fdo")

@@ -173,7 +173,7 @@ class HFEngine:
             skip_special_tokens=True,
         )
         return RolloutBatch(
-            prompts=[p for p in prompts for _ in range(group_size)],
+            prompts=repeat_each(prompts, group_size),
             completions=completions,
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask.float(),
@@ -184,6 +184,23 @@ class HFEngine:
             truncated=~has_eos,
             group_size=group_size,
         )
+
+
+def repeat_each(values: list, times: int) -> list:
+    """``[a, b] → [a, a, b, b]`` for ``times=2``: per-prompt values laid out group after group."""
+    return [value for value in values for _ in range(times)]
+
+
+def batch_logprobs(model: PreTrainedModel, batch: RolloutBatch, temperature: float) -> Tensor:
+    """:func:`token_logprobs` of a rollout batch's completions under ``model``."""
+    return token_logprobs(
+        model,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        batch.completion_ids,
+        batch.completion_mask,
+        temperature,
+    )
 
 
 def token_logprobs(

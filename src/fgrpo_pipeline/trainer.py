@@ -23,7 +23,14 @@ from fgrpo_pipeline.labeling import score_rollouts
 from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
 from fgrpo_pipeline.modeling import Policy, set_seed
 from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
-from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine, token_logprobs
+from fgrpo_pipeline.rollout import (
+    ENGINES,
+    SamplingConfig,
+    batch_logprobs,
+    get_engine,
+    repeat_each,
+    token_logprobs,
+)
 
 
 @dataclass
@@ -253,7 +260,7 @@ def train(
         batch = engine.generate(policy, chosen["prompt"].tolist(), g, sampling)
         t1 = time.perf_counter()
 
-        ground_truths = [gt for gt in chosen["ground_truth"].tolist() for _ in range(g)]
+        ground_truths = repeat_each(chosen["ground_truth"].tolist(), g)
         scored = score_rollouts(
             batch.completions,
             batch.prompts,
@@ -264,24 +271,10 @@ def train(
             advantage_scale=config.advantage_scale,
         )
         with torch.no_grad():
-            ref_logps = token_logprobs(
-                reference,
-                batch.prompt_ids,
-                batch.prompt_mask,
-                batch.completion_ids,
-                batch.completion_mask,
-                temperature,
-            )
+            ref_logps = batch_logprobs(reference, batch, temperature)
         t2 = time.perf_counter()
 
-        logps = token_logprobs(
-            model,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            batch.completion_ids,
-            batch.completion_mask,
-            temperature,
-        )
+        logps = batch_logprobs(model, batch, temperature)
         offline = None
         if preferences is not None and _uses_offline_data(config.loss):
             offline = _offline_minibatch(

@@ -14,7 +14,7 @@ import torch
 
 from fgrpo_pipeline.labeling import rollouts_to_table
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine
+from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine, repeat_each
 
 
 def check_params(params: dict[str, Any]) -> None:
@@ -42,10 +42,9 @@ def generate_rollouts(
     g = params["group_size"]
     sampling = SamplingConfig(**{**params.get("sampling", {}), "seed": params.get("seed", 0)})
     batch = get_engine(params["engine"]).generate(policy, chosen["prompt"].tolist(), g, sampling)
-    repeat = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
     return rollouts_to_table(
         batch,
-        prompt_ids=repeat(chosen["id"].tolist()),
-        ground_truths=repeat(chosen["ground_truth"].tolist()),
+        prompt_ids=repeat_each(chosen["id"].tolist(), g),
+        ground_truths=repeat_each(chosen["ground_truth"].tolist(), g),
         ref_logps=batch.old_logps,
     )
