@@ -249,7 +249,13 @@ def train(
     checkpoints: dict[int, Policy] = {}
     completion_tables: list[pd.DataFrame] = []
     skipped = 0
-    bar = tqdm(range(1, config.steps + 1), desc=f"train {config.loss.name}", disable=not progress)
+    # mininterval: a redirected log gets a line a second, not one per step
+    bar = tqdm(
+        range(1, config.steps + 1),
+        desc=f"train {config.loss.name}",
+        disable=not progress,
+        mininterval=1.0,
+    )
     for step in bar:
         t0 = time.perf_counter()
         pick = torch.randint(len(prompts), (config.prompts_per_step,), generator=gen).tolist()

@@ -94,7 +94,7 @@ def supervised_warmup(
     history: list[dict[str, float]] = []
     try:
         batches = _batches(len(prompts), batch_size, steps, seed)
-        bar = tqdm(batches, desc="warm-up", disable=not progress)
+        bar = tqdm(batches, desc="warm-up", disable=not progress, mininterval=1.0)
         for step, index in enumerate(bar):
             prompt_ids, prompt_mask = _pad(
                 [prompt_rows[i] for i in index], tokenizer.pad_token_id, left=True
