@@ -4,37 +4,12 @@ import json
 
 import pandas as pd
 import pytest
-from kedro.framework.session import KedroSession
-from kedro.framework.startup import bootstrap_project
 
 from fgrpo_pipeline.pipeline_registry import STAGES
+from tests.conftest import SMALL_RUN
+from tests.conftest import run_kedro as run
 
 pytestmark = pytest.mark.slow
-
-# Addition of one-digit numbers: a format and a skill the warm-up half-learns in seconds.
-SMALL = {
-    "data_preparation": {
-        "arithmetic": {"n_train": 80, "n_test": 20, "operations": ["+"], "operand_max": 9}
-    },
-    "base_policy": {"progress": False, "warmup": {"steps": 120, "batch_size": 32}},
-    "rollout_generation": {"num_prompts": 8},
-    "training": {
-        "steps": 150,
-        "prompts_per_step": 16,
-        "learning_rate": 0.0003,
-        "checkpoint_every": 75,
-        "log_completions_every": 50,
-        "progress": False,
-    },
-    "evaluation": {"k_samples": 2},
-}
-
-
-def run(project, pipeline_name, extra=None):
-    bootstrap_project(project)
-    params = {**SMALL, **(extra or {})}
-    with KedroSession.create(project_path=project, runtime_params=params) as session:
-        session.run(pipeline_names=[pipeline_name])
 
 
 def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
@@ -78,6 +53,10 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
 
 def test_invalid_parameter_stops_the_run_before_any_work(project_copy):
     with pytest.raises(ValueError, match="unknown divergence 'chi2'.*valid divergence names"):
-        run(project_copy, "__default__", {"training": {**SMALL["training"], "divergence": "chi2"}})
+        run(
+            project_copy,
+            "__default__",
+            {"training": {**SMALL_RUN["training"], "divergence": "chi2"}},
+        )
     # nothing ran: not even the first pipeline's output exists
     assert not (project_copy / "data/03_primary/prompts.parquet").exists()

@@ -1,8 +1,9 @@
 """Kedro settings: hooks and configuration loading."""
 
 from fgrpo_pipeline.hooks import ParameterValidationHook
+from fgrpo_pipeline.mlflow_tracking import MlflowArtifactHook
 
-HOOKS = (ParameterValidationHook(),)
+HOOKS = (ParameterValidationHook(), MlflowArtifactHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

@@ -1,0 +1,154 @@
+"""MLflow tracking of every persisted catalog artifact (Kedro layer, not the core).
+
+kedro-mlflow owns the run's lifecycle (one run per ``kedro run``, FAILED on error) and logs
+every ``params:`` input. This hook adds what it does not do:
+
+* every dataset a run saves to a local file or folder becomes an artifact under
+  ``<data layer folder>/<dataset name>/`` (e.g. ``05_model_input/aligned/aligned.parquet``);
+* ``training_metrics`` is logged as per-step metrics (``step=``), names made MLflow-safe;
+* ``training_completions`` is also logged as one ``mlflow.log_table`` per logging step,
+  beside its parquet file (``07_model_output/training_completions/step_000050.json``);
+* tags: the pipelines run, the git commit, and the training loss, divergence, λ and seed.
+
+Everything is skipped when no MLflow run is active (tracking switched off in mlflow.yml).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import subprocess
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import mlflow
+import pandas as pd
+from kedro.framework.hooks import hook_impl
+from kedro.io import AbstractVersionedDataset
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+METRICS_DATASET = "training_metrics"
+COMPLETIONS_DATASET = "training_completions"
+MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+_LAYER = re.compile(r"^\d\d_\w+$")
+
+
+def metric_name(name: str) -> str:
+    """``name`` with characters MLflow rejects replaced by ``_``."""
+    return _UNSAFE.sub("_", str(name))
+
+
+def local_path(dataset: Any) -> Path | None:
+    """The local file or folder a dataset saved to (its latest version), or None."""
+    if isinstance(dataset, AbstractVersionedDataset):
+        path = dataset._get_load_path()  # after a save: the version just written
+    else:
+        path = getattr(dataset, "_path", None) or getattr(dataset, "_filepath", None)
+    if path is None or getattr(dataset, "_protocol", "file") not in ("file", None):
+        return None
+    path = Path(str(path))
+    return path if path.exists() else None
+
+
+def artifact_dir(dataset_name: str, path: Path) -> str:
+    """``<layer folder>/<dataset name>``: the data layer comes from the path (``08_reporting``)."""
+    layer = next((part for part in path.parts if _LAYER.match(part)), "other")
+    return str(PurePosixPath(layer, dataset_name))
+
+
+def git_commit(project_path: str | Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=project_path,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_step_metrics(metrics: pd.DataFrame, *, run_id: str, prefix: str = "train/") -> int:
+    """Every numeric column of a per-step table as a metric with ``step=``; returns the count."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    columns = [
+        c for c in metrics.columns if c != "step" and pd.api.types.is_numeric_dtype(metrics[c])
+    ]
+    entries = [
+        Metric(metric_name(prefix + column), float(value), now, int(step))
+        for step, row in zip(metrics["step"], metrics[columns].itertuples(index=False), strict=True)
+        for column, value in zip(columns, row, strict=True)
+        if value is not None and math.isfinite(float(value))
+    ]
+    for start in range(0, len(entries), MAX_BATCH):
+        client.log_batch(run_id, metrics=entries[start : start + MAX_BATCH])
+    return len(entries)
+
+
+def log_completion_tables(completions: pd.DataFrame, directory: str) -> int:
+    """One MLflow table per logging step, ``<directory>/step_000050.json``; returns the count."""
+    steps = sorted(completions["step"].unique()) if len(completions) else []
+    for step in steps:
+        table = completions[completions["step"] == step].drop(columns="step")
+        mlflow.log_table(
+            table.reset_index(drop=True), artifact_file=f"{directory}/step_{step:06d}.json"
+        )
+    return len(steps)
+
+
+class MlflowArtifactHook:
+    """Logs saved datasets, per-step metrics, completions tables and run tags to MLflow."""
+
+    def __init__(self) -> None:
+        self._catalog = None
+
+    @hook_impl
+    def after_catalog_created(self, catalog) -> None:
+        self._catalog = catalog
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        # kedro-mlflow's own before_pipeline_run (registered later, so called first) has
+        # started the run by now.
+        if mlflow.active_run() is None:
+            return
+        self._catalog = catalog
+        training = catalog.load("parameters").get("training", {})
+        mlflow.set_tags(
+            {
+                "pipelines": ",".join(run_params.get("pipeline_names") or ["__default__"]),
+                "git_commit": git_commit(run_params.get("project_path") or "."),
+                "loss": training.get("loss", ""),
+                "divergence": training.get("divergence", ""),
+                "lam": training.get("lam", ""),
+                "seed": training.get("seed", ""),
+            }
+        )
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        run = mlflow.active_run()
+        if run is None or self._catalog is None:
+            return
+        path = local_path(self._catalog.get(dataset_name))
+        if path is None:
+            return  # in memory, or on a remote store that MLflow can point at instead
+        destination = artifact_dir(dataset_name, path)
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=destination)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=destination)
+        if dataset_name == METRICS_DATASET and isinstance(data, pd.DataFrame) and len(data):
+            log_step_metrics(data, run_id=run.info.run_id)
+        if dataset_name == COMPLETIONS_DATASET and isinstance(data, pd.DataFrame):
+            log_completion_tables(data, destination)
