@@ -108,6 +108,16 @@ def test_a_failing_node_leaves_the_run_failed(project_copy):
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+def test_tracking_switched_off_by_config_records_nothing(project_copy):
+    mlflow_yml = project_copy / "conf/base/mlflow.yml"
+    text = mlflow_yml.read_text()
+    assert "    pipelines: []" in text
+    mlflow_yml.write_text(text.replace("    pipelines: []", "    pipelines: [data_preparation]"))
+    run_kedro(project_copy, "data_preparation")
+    assert (project_copy / "data/03_primary/prompts.parquet").exists()
+    assert _runs(_client(project_copy)) == []
+
+
 @pytest.mark.parametrize(
     ("raw", "safe"),
     [("train/reward_mean", "train/reward_mean"), ("online/kl(π‖ref)", "online/kl___ref_")],
