@@ -26,6 +26,11 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     Being the working directory keeps relative stores (``sqlite:///mlflow.db``) inside it.
     """
     monkeypatch.chdir(tmp_path)
+    # kedro-mlflow's hook is a process-wide singleton that remembers the last run id; a CLI
+    # run is one process, but tests run many sessions in one.
+    from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook
+
+    mlflow_hook.run_id = None
     shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
     # An absolute store per copy: MLflow caches stores by URI, so a relative sqlite URI
     # would keep pointing at the first test's database.

@@ -133,6 +133,7 @@ def test_viz_shows_every_pipeline_and_the_lineage_of_the_datasets(project_copy: 
         "reward_labeling",
         "training",
         "evaluation",
+        "comparison",
         "__default__",
     }
 

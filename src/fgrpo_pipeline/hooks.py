@@ -7,6 +7,7 @@ import logging
 from kedro.framework.hooks import hook_impl
 
 from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
+from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
 from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
 from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
 from fgrpo_pipeline.pipelines.reward_labeling.nodes import check_params as check_labeling
@@ -22,6 +23,7 @@ CHECKS = {
     "reward_labeling": check_labeling,
     "training": check_training,
     "evaluation": check_evaluation,
+    "comparison": check_comparison,
 }
 
 

@@ -124,16 +124,18 @@ class MlflowArtifactHook:
             return
         self._catalog = catalog
         training = catalog.load("parameters").get("training", {})
-        mlflow.set_tags(
-            {
-                "pipelines": ",".join(run_params.get("pipeline_names") or ["__default__"]),
-                "git_commit": git_commit(run_params.get("project_path") or "."),
-                "loss": training.get("loss", ""),
-                "divergence": training.get("divergence", ""),
-                "lam": training.get("lam", ""),
-                "seed": training.get("seed", ""),
-            }
-        )
+        names = run_params.get("pipeline_names") or ["__default__"]
+        tags = {
+            "pipelines": ",".join(names),
+            "git_commit": git_commit(run_params.get("project_path") or "."),
+            "loss": training.get("loss", ""),
+            "divergence": training.get("divergence", ""),
+            "lam": training.get("lam", ""),
+            "seed": training.get("seed", ""),
+        }
+        if "comparison" in names:  # a sweep: each child run carries its own method and seed
+            tags.update(loss="sweep", divergence="sweep", seed="sweep")
+        mlflow.set_tags(tags)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:

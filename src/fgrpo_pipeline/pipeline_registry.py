@@ -6,6 +6,7 @@ from kedro.pipeline import Pipeline
 
 from fgrpo_pipeline.pipelines import (
     base_policy,
+    comparison,
     data_preparation,
     evaluation,
     reward_labeling,
@@ -27,4 +28,6 @@ STAGES = {
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = {name: module.create_pipeline() for name, module in STAGES.items()}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    # Not a stage: the divergence sweep, run on its own after the stages it reads from.
+    pipelines["comparison"] = comparison.create_pipeline()
     return pipelines

@@ -142,6 +142,20 @@ class PreferenceData:
             )
 
 
+def preferences_from_splits(
+    aligned: pd.DataFrame, unaligned: pd.DataFrame
+) -> PreferenceData | None:
+    """Offline preference data from the reward_labeling splits; None if a side is empty."""
+    if not len(aligned) or not len(unaligned):
+        return None
+    return PreferenceData(
+        aligned["prompt"].tolist(),
+        aligned["completion"].tolist(),
+        unaligned["prompt"].tolist(),
+        unaligned["completion"].tolist(),
+    )
+
+
 @dataclass
 class TrainingResult:
     """The trained policy, one metrics row per step, checkpoints and logged completions."""

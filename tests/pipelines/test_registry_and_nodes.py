@@ -31,7 +31,7 @@ def test_kedro_registry_list_shows_every_pipeline():
         check=True,
     ).stdout
     listed = {line.strip("- ").strip() for line in out.splitlines() if line.startswith("- ")}
-    assert listed == {"__default__", *PIPELINES}
+    assert listed == {"__default__", "comparison", *PIPELINES}
 
 
 def test_default_pipeline_is_the_stages_in_order():

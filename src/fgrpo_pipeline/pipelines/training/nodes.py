@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.trainer import TrainerConfig, preferences_from_splits, train
 
 RUN_KEYS = ("progress",)  # how the node runs, not what it trains
 
@@ -32,14 +32,7 @@ def train_policy(
 ) -> tuple[Policy, pd.DataFrame, pd.DataFrame, dict[str, Policy]]:
     """(trained policy, per-step metrics, logged completions, checkpoints by step)."""
     config = check_params(params)
-    preferences = None
-    if len(aligned) and len(unaligned):
-        preferences = PreferenceData(
-            aligned["prompt"].tolist(),
-            aligned["completion"].tolist(),
-            unaligned["prompt"].tolist(),
-            unaligned["completion"].tolist(),
-        )
+    preferences = preferences_from_splits(aligned, unaligned)
     train_prompts = prompts[prompts["split"] == "train"]
     result = train(
         policy,
