@@ -81,3 +81,24 @@ def run_kedro(project: Path, pipeline_name: str, extra: dict | None = None) -> N
     params = {**SMALL_RUN, **(extra or {})}
     with KedroSession.create(project_path=project, runtime_params=params) as session:
         session.run(pipeline_names=[pipeline_name])
+
+
+def half_taught_policy(prompts):
+    """A tiny policy warmed up briefly on ``prompts``' train rows: right sometimes, so groups
+    have reward spread."""
+    from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
+    from fgrpo_pipeline.warmup import supervised_warmup
+
+    policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
+    train = prompts[prompts["split"] == "train"]
+    supervised_warmup(
+        policy,
+        train["prompt"].tolist(),
+        train["ground_truth"].tolist(),
+        steps=60,
+        batch_size=32,
+        learning_rate=3e-3,
+        seed=0,
+        progress=False,
+    )
+    return policy

@@ -17,14 +17,13 @@ from fgrpo_pipeline.comparison import (
 )
 from fgrpo_pipeline.data_sources import make_arithmetic_prompts
 from fgrpo_pipeline.evaluation import EvaluationConfig
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.pipelines.comparison.nodes import (
     check_params,
     compare_divergences,
     sweep_training_params,
 )
 from fgrpo_pipeline.plotting import comparison_curves
-from fgrpo_pipeline.warmup import supervised_warmup
+from tests.conftest import half_taught_policy
 
 BASE = {"sampled_accuracy": 0.3, "greedy_accuracy": 0.5}
 STEPS = 3
@@ -205,20 +204,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def policy(prompts):
-    """Half-taught one-digit addition, so groups have reward spread."""
-    policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
-    train = prompts[prompts["split"] == "train"]
-    supervised_warmup(
-        policy,
-        train["prompt"].tolist(),
-        train["ground_truth"].tolist(),
-        steps=60,
-        batch_size=32,
-        learning_rate=3e-3,
-        seed=0,
-        progress=False,
-    )
-    return policy
+    return half_taught_policy(prompts)
 
 
 @pytest.mark.slow

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, train
-from fgrpo_pipeline.warmup import supervised_warmup
+from tests.conftest import half_taught_policy
 
 TIMING = ["time_generation", "time_scoring", "time_update", "time_step", "tokens_per_second"]
 
@@ -19,19 +18,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def policy(prompts):
-    """Half-taught one-digit addition, so groups have reward spread."""
-    policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
-    supervised_warmup(
-        policy,
-        prompts["prompt"].tolist(),
-        prompts["ground_truth"].tolist(),
-        steps=60,
-        batch_size=32,
-        learning_rate=3e-3,
-        seed=0,
-        progress=False,
-    )
-    return policy
+    return half_taught_policy(prompts)
 
 
 def config(**overrides):
