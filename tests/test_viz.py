@@ -125,17 +125,8 @@ def _mlflow_runs(store: Path) -> list:
 
 
 def test_viz_shows_every_pipeline_and_the_lineage_of_the_datasets(project_copy: Path):
+    # the names themselves are checked in tests/pipelines/test_registry_and_nodes.py
     registered = set(register_pipelines())
-    assert registered == {
-        "data_preparation",
-        "base_policy",
-        "rollout_generation",
-        "reward_labeling",
-        "training",
-        "evaluation",
-        "comparison",
-        "__default__",
-    }
 
     port = _free_port()
     log = project_copy / "viz.log"
