@@ -42,12 +42,6 @@ def _as_groups(rewards: Tensor, group_size: int) -> Tensor:
     )
 
 
-def zero_std_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """Bool [N/G]: groups whose rewards are all equal (no learning signal)."""
-    groups = _as_groups(rewards, group_size)
-    return groups.amax(dim=1) == groups.amin(dim=1)
-
-
 def group_advantages(
     rewards: Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6
 ) -> Tensor:
@@ -75,7 +69,7 @@ def aligned_mask(advantages: Tensor) -> Tensor:
 
 def frac_reward_zero_std(rewards: Tensor, group_size: int) -> float:
     """Fraction of groups whose rewards are all equal."""
-    return zero_std_groups(rewards, group_size).float().mean().item()
+    return group_stats(rewards, group_size).zero_std.float().mean().item()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,13 @@ import torch
 from fgrpo_pipeline.labeling import score_rollouts
 from fgrpo_pipeline.modeling import Policy
 from fgrpo_pipeline.rewards import combine_rewards, get_reward
-from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine, repeat_each
+from fgrpo_pipeline.rollout import (
+    ENGINES,
+    SamplingConfig,
+    batch_logprobs,
+    get_engine,
+    repeat_each,
+)
 
 
 @dataclass
@@ -37,7 +43,7 @@ class EvaluationConfig:
         self.rewards = dict(self.rewards or {"exact_number": 1.0})
         if isinstance(self.sampling, dict) or self.sampling is None:
             self.sampling = SamplingConfig(**(self.sampling or {}))
-        get_engine(self.engine)
+        ENGINES.check(self.engine, "evaluation.engine")
         get_reward(self.correctness_reward)
         combine_rewards(self.rewards)
 

@@ -63,7 +63,12 @@ def score_rollouts(
     )
 
 
-def _ragged(values: Tensor, lengths: Tensor) -> list[list[float]]:
+def side_labels(advantages: Tensor) -> list[str]:
+    """``aligned`` where the advantage is > 0, else ``unaligned``."""
+    return ["aligned" if a > 0 else "unaligned" for a in advantages.tolist()]
+
+
+def _ragged(values: Tensor, lengths: Tensor) -> list[list]:
     return [row[:n].tolist() for row, n in zip(values, lengths.tolist(), strict=True)]
 
 
@@ -82,10 +87,7 @@ def rollouts_to_table(
             "prompt": list(batch.prompts),
             "ground_truth": list(ground_truths),
             "completion": list(batch.completions),
-            "completion_ids": [
-                row[:n].tolist()
-                for row, n in zip(batch.completion_ids, lengths.tolist(), strict=True)
-            ],
+            "completion_ids": _ragged(batch.completion_ids, lengths),
             "old_logps": _ragged(batch.old_logps, lengths),
             "ref_logps": _ragged(ref_logps, lengths),
             "length": lengths.tolist(),
@@ -100,7 +102,7 @@ def label_table(table: pd.DataFrame, scored: ScoredRollouts) -> pd.DataFrame:
     labeled["reward"] = scored.rewards.tolist()
     labeled["correct"] = scored.correct.tolist()
     labeled["advantage"] = scored.advantages.tolist()
-    labeled["side"] = ["aligned" if a > 0 else "unaligned" for a in scored.advantages.tolist()]
+    labeled["side"] = side_labels(scored.advantages)
     return labeled
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fgrpo_pipeline.advantages import ADVANTAGE_SCALES, frac_reward_zero_std
-from fgrpo_pipeline.labeling import score_rollouts
+from fgrpo_pipeline.labeling import score_rollouts, side_labels
 from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
 from fgrpo_pipeline.modeling import Policy, set_seed
 from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
@@ -359,9 +359,7 @@ def train(
                         "completion": batch.completions,
                         "reward": scored.rewards.tolist(),
                         "advantage": scored.advantages.tolist(),
-                        "side": [
-                            "aligned" if a > 0 else "unaligned" for a in scored.advantages.tolist()
-                        ],
+                        "side": side_labels(scored.advantages),
                         "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
                     }
                 )
