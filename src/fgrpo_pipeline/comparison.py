@@ -26,12 +26,11 @@ from tqdm.auto import tqdm
 from fgrpo_pipeline.divergences import divergence_names
 from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.trainer import RUN_KEYS, PreferenceData, TrainerConfig, train
 
 logger = logging.getLogger(__name__)
 
 BASELINE = "grpo"
-RUN_KEYS = ("progress",)  # how a run is shown, not what it trains (as in the training node)
 SWEPT_KEYS = ("loss", "divergence", "seed")  # set per run by the sweep
 # summary column -> key of the evaluation metrics: the "benchmarks" of Relative Overall
 BENCHMARKS = {"accuracy_mean": "sampled_accuracy", "greedy_accuracy_mean": "greedy_accuracy"}

@@ -108,6 +108,9 @@ class TrainerConfig:
         return asdict(self)
 
 
+# Keys of the ``training`` parameters that say how a run is shown, not what it trains.
+RUN_KEYS = ("progress",)
+
 _INT_FIELDS = (
     "steps",
     "prompts_per_step",

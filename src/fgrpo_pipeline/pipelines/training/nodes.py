@@ -11,9 +11,7 @@ from typing import Any
 import pandas as pd
 
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import TrainerConfig, preferences_from_splits, train
-
-RUN_KEYS = ("progress",)  # how the node runs, not what it trains
+from fgrpo_pipeline.trainer import RUN_KEYS, TrainerConfig, preferences_from_splits, train
 
 
 def check_params(params: dict[str, Any]) -> TrainerConfig:
