@@ -12,7 +12,7 @@ import torch
 
 from fgrpo_pipeline.labeling import score_rollouts
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.rewards import combine_rewards, get_reward
+from fgrpo_pipeline.rewards import RewardFn, combine_rewards, get_reward
 from fgrpo_pipeline.rollout import (
     ENGINES,
     SamplingConfig,
@@ -65,9 +65,17 @@ def _evaluate_batch(policy, reference, prompts, truths, k, sampling, engine, rew
 
 
 def evaluate_policy(
-    policy: Policy, reference: Policy, prompts: pd.DataFrame, config: EvaluationConfig
+    policy: Policy,
+    reference: Policy,
+    prompts: pd.DataFrame,
+    config: EvaluationConfig,
+    *,
+    reward_fn: RewardFn | None = None,
+    correctness_fn: RewardFn | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
     """Metrics of ``policy`` on ``prompts`` and one row per sampled completion.
+
+    ``reward_fn`` / ``correctness_fn`` replace the named rewards of ``config`` when given.
 
     ``sampled_accuracy`` is pass@1 averaged over ``k_samples`` samples per prompt;
     ``greedy_accuracy`` decodes once without sampling; ``kl_to_ref`` is the mean over samples
@@ -76,8 +84,8 @@ def evaluate_policy(
     if config.max_prompts:
         prompts = prompts.iloc[: config.max_prompts]
     engine = get_engine(config.engine)
-    reward_fn = combine_rewards(config.rewards)
-    correct_fn = get_reward(config.correctness_reward)
+    reward_fn = reward_fn or combine_rewards(config.rewards)
+    correct_fn = correctness_fn or get_reward(config.correctness_reward)
     greedy = SamplingConfig(**{**asdict(config.sampling), "do_sample": False})
     sampled_rows, greedy_correct = [], []
     for start in range(0, len(prompts), config.batch_prompts):

@@ -11,7 +11,13 @@ from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comp
 from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
 from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
 from fgrpo_pipeline.pipelines.reward_labeling.nodes import check_params as check_labeling
+from fgrpo_pipeline.pipelines.reward_model.nodes import check_params as check_reward_model
 from fgrpo_pipeline.pipelines.rollout_generation.nodes import check_params as check_rollouts
+from fgrpo_pipeline.pipelines.safety_base_policy.nodes import check_params as check_safety_base
+from fgrpo_pipeline.pipelines.safety_comparison.nodes import check_params as check_safety_sweep
+from fgrpo_pipeline.pipelines.safety_data.nodes import check_params as check_safety_data
+from fgrpo_pipeline.pipelines.safety_training.nodes import check_evaluation_params
+from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_safety_training
 from fgrpo_pipeline.pipelines.training.nodes import check_params as check_training
 
 logger = logging.getLogger(__name__)
@@ -24,6 +30,12 @@ CHECKS = {
     "training": check_training,
     "evaluation": check_evaluation,
     "comparison": check_comparison,
+    "safety_data": check_safety_data,
+    "reward_model": check_reward_model,
+    "safety_base_policy": check_safety_base,
+    "safety_training": check_safety_training,
+    "safety_evaluation": check_evaluation_params,
+    "safety_comparison": check_safety_sweep,
 }
 
 

@@ -20,6 +20,7 @@ import math
 import re
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,13 +28,14 @@ import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
 from kedro.io import AbstractVersionedDataset
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
-METRICS_DATASET = "training_metrics"
-COMPLETIONS_DATASET = "training_completions"
+# Per-step tables logged as MLflow metrics, and completions tables logged as MLflow tables.
+METRICS_DATASETS = ("training_metrics", "safety_training_metrics")
+COMPLETIONS_DATASETS = ("training_completions", "safety_training_completions")
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
 _LAYER = re.compile(r"^\d\d_\w+$")
@@ -95,6 +97,49 @@ def log_step_metrics(metrics: pd.DataFrame, *, run_id: str, prefix: str = "train
     return len(entries)
 
 
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as ``{"a.b": value}``."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class ChildRuns:
+    """Nested MLflow runs of a sweep, one per key (e.g. ``(method, seed)``), under the
+    active run: parameters and tags at the start; per-step metrics and final values at
+    the end; FAILED when an error leaves one open."""
+
+    def __init__(self) -> None:
+        self.run_ids: dict[Any, str] = {}
+
+    def start(self, key: Any, name: str, tags: Mapping[str, str], params: Mapping) -> None:
+        run = mlflow.start_run(run_name=name, nested=True, tags=dict(tags))
+        self.run_ids[key] = run.info.run_id
+        mlflow.log_params({k: str(v) for k, v in flatten_params(params).items()})
+
+    def end(self, key: Any, metrics: pd.DataFrame, values: Mapping[str, float]) -> None:
+        log_step_metrics(metrics, run_id=self.run_ids[key])
+        mlflow.log_metrics({metric_name(k): float(v) for k, v in values.items() if _finite(v)})
+        mlflow.end_run()
+
+    def fail(self) -> None:
+        """End a child run left open by an error (the parent stays active)."""
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id in self.run_ids.values():
+            mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def log_completion_tables(completions: pd.DataFrame, directory: str) -> int:
     """One MLflow table per logging step, ``<directory>/step_000050.json``; returns the count."""
     steps = sorted(completions["step"].unique()) if len(completions) else []
@@ -123,8 +168,9 @@ class MlflowArtifactHook:
         if mlflow.active_run() is None:
             return
         self._catalog = catalog
-        training = catalog.load("parameters").get("training", {})
         names = run_params.get("pipeline_names") or ["__default__"]
+        block = "safety_training" if any(n.startswith("safety") for n in names) else "training"
+        training = catalog.load("parameters").get(block, {})
         tags = {
             "pipelines": ",".join(names),
             "git_commit": git_commit(run_params.get("project_path") or "."),
@@ -135,6 +181,8 @@ class MlflowArtifactHook:
         }
         if "comparison" in names:  # a sweep: each child run carries its own method and seed
             tags.update(loss="sweep", divergence="sweep", seed="sweep")
+        if "safety_comparison" in names:  # each child run carries its own λ and seed
+            tags.update(lam="sweep", seed="sweep")
         mlflow.set_tags(tags)
 
     @hook_impl
@@ -150,7 +198,7 @@ class MlflowArtifactHook:
             mlflow.log_artifacts(str(path), artifact_path=destination)
         else:
             mlflow.log_artifact(str(path), artifact_path=destination)
-        if dataset_name == METRICS_DATASET and isinstance(data, pd.DataFrame) and len(data):
+        if dataset_name in METRICS_DATASETS and isinstance(data, pd.DataFrame) and len(data):
             log_step_metrics(data, run_id=run.info.run_id)
-        if dataset_name == COMPLETIONS_DATASET and isinstance(data, pd.DataFrame):
+        if dataset_name in COMPLETIONS_DATASETS and isinstance(data, pd.DataFrame):
             log_completion_tables(data, destination)

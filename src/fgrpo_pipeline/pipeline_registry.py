@@ -10,7 +10,12 @@ from fgrpo_pipeline.pipelines import (
     data_preparation,
     evaluation,
     reward_labeling,
+    reward_model,
     rollout_generation,
+    safety_base_policy,
+    safety_comparison,
+    safety_data,
+    safety_training,
     training,
 )
 
@@ -23,6 +28,13 @@ STAGES = {
     "training": training,
     "evaluation": evaluation,
 }
+# The safety setting (f-HAL with a learned reward model), in order.
+SAFETY_STAGES = {
+    "safety_data": safety_data,
+    "reward_model": reward_model,
+    "safety_base_policy": safety_base_policy,
+    "safety_training": safety_training,
+}
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -30,4 +42,16 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     # Not a stage: the divergence sweep, run on its own after the stages it reads from.
     pipelines["comparison"] = comparison.create_pipeline()
+
+    safety = {name: module.create_pipeline() for name, module in SAFETY_STAGES.items()}
+    pipelines.update(safety)
+    # One λ from parameters_safety_training.yml, from the data up.
+    pipelines["safety"] = sum(safety.values(), Pipeline([]))
+    # The λ sweep from the data up, so one command runs it from a fresh clone; rerun only the
+    # sweep with --from-nodes=compare_safety_node.
+    prerequisites = sum(
+        (safety[name] for name in ("safety_data", "reward_model", "safety_base_policy")),
+        Pipeline([]),
+    )
+    pipelines["safety_comparison"] = prerequisites + safety_comparison.create_pipeline()
     return pipelines

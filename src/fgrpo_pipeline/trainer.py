@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,7 +22,7 @@ from fgrpo_pipeline.advantages import ADVANTAGE_SCALES, frac_reward_zero_std
 from fgrpo_pipeline.labeling import score_rollouts, side_labels
 from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
 from fgrpo_pipeline.modeling import Policy, set_seed
-from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
+from fgrpo_pipeline.rewards import REWARDS, RewardFn, combine_rewards, get_reward
 from fgrpo_pipeline.rollout import (
     ENGINES,
     SamplingConfig,
@@ -126,6 +126,10 @@ _INT_FIELDS = (
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"training parameter {name!r} {message}")
+
+
+# Called with a step's metrics row; returns more columns for it (e.g. a reward-hacking flag).
+StepMonitor = Callable[[Mapping[str, float]], Mapping[str, float]]
 
 
 @dataclass
@@ -234,11 +238,16 @@ def train(
     preferences: PreferenceData | None = None,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    reward_fn: RewardFn | None = None,
+    correctness_fn: RewardFn | None = None,
+    monitors: Sequence[StepMonitor] = (),
 ) -> TrainingResult:
     """Train ``policy`` online on ``prompts`` (columns id, prompt, ground_truth).
 
     The input policy is not modified: training works on a copy, and the starting weights
-    stay as the frozen reference.
+    stay as the frozen reference. ``reward_fn`` / ``correctness_fn`` replace the named
+    rewards of ``config`` (e.g. a learned reward model, and a gold judge that is only
+    measured); each monitor sees a step's metrics row and adds columns to it.
     """
     if config.loss.name == "f_hal" and config.loss.lam > 0 and preferences is None:
         raise ValueError("loss f_hal with lam > 0 needs preference data (aligned/unaligned)")
@@ -256,8 +265,8 @@ def train(
     )
     engine = get_engine(config.engine)
     loss_fn = get_loss(config.loss.name)
-    reward_fn = combine_rewards(config.rewards)
-    correctness_fn = get_reward(config.correctness_reward)
+    reward_fn = reward_fn or combine_rewards(config.rewards)
+    correctness_fn = correctness_fn or get_reward(config.correctness_reward)
     gen = torch.Generator().manual_seed(config.seed)
     temperature = config.sampling.temperature
     g = config.group_size
@@ -348,6 +357,8 @@ def train(
             "tokens_per_second": generated_tokens / max(t3 - t0, 1e-9),
         }
         row.update(out.metrics)
+        for monitor in monitors:
+            row.update(monitor(row))
         rows.append(row)
         if on_step is not None:
             on_step(step, row)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.modeling import Policy, build_char_tokenizer, build_tiny_policy, set_seed
 from fgrpo_pipeline.rollout import token_logprobs
 
 
@@ -122,3 +122,21 @@ def supervised_warmup(
     finally:
         model.train(was_training)
     return history
+
+
+def build_warm_policy(
+    prompts: list[str],
+    answers: list[str],
+    *,
+    model: dict,
+    warmup: dict,
+    seed: int,
+    progress: bool = True,
+) -> tuple[Policy, list[dict[str, float]]]:
+    """A locally built tiny policy (``model``: :func:`build_tiny_policy` options), warmed up
+    on ``answers`` (``warmup``: :func:`supervised_warmup` options); eval mode on return."""
+    set_seed(seed)
+    policy = build_tiny_policy(build_char_tokenizer(), seed=seed, **model)
+    history = supervised_warmup(policy, prompts, answers, seed=seed, progress=progress, **warmup)
+    policy.model.eval()
+    return policy, history

@@ -1,5 +1,6 @@
 """Kedro datasets of this project."""
 
 from fgrpo_pipeline.datasets.policy_dataset import PolicyDataset
+from fgrpo_pipeline.datasets.reward_model_dataset import RewardModelDataset
 
-__all__ = ["PolicyDataset"]
+__all__ = ["PolicyDataset", "RewardModelDataset"]

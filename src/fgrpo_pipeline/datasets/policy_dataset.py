@@ -40,7 +40,15 @@ class PolicyDataset(AbstractVersionedDataset[Policy, Policy]):
     ``from_pretrained`` (e.g. ``dtype``), ``save_args`` to its ``save_pretrained``. The
     filepath may carry an fsspec protocol (e.g. ``memory://``); the rename is atomic only on
     filesystems where a move is.
+
+    Subclasses holding another ``(model, tokenizer)`` dataclass override the class attributes
+    ``_data_type`` (what ``save`` accepts and ``load`` builds), ``_model_class`` (the
+    ``Auto*`` class that loads the model) and ``_name`` (used in messages).
     """
+
+    _data_type: type = Policy
+    _model_class: type = AutoModelForCausalLM
+    _name = "policy"
 
     def __init__(
         self,
@@ -66,22 +74,22 @@ class PolicyDataset(AbstractVersionedDataset[Policy, Policy]):
     def load(self) -> Policy:
         load_path = get_filepath_str(self._get_load_path(), self._protocol)
         if not self._fs.isdir(load_path):
-            raise DatasetError(f"no saved policy directory at '{load_path}' for {self}")
+            raise DatasetError(f"no saved {self._name} directory at '{load_path}' for {self}")
         if self._protocol == "file":
             return self._from_pretrained(load_path)
-        with tempfile.TemporaryDirectory(prefix="policy-load-") as local:
+        with tempfile.TemporaryDirectory(prefix=f"{self._name}-load-") as local:
             self._fs.get(load_path.rstrip("/") + "/", local, recursive=True)
             return self._from_pretrained(local)
 
     def _from_pretrained(self, local_dir: str) -> Policy:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = self._model_class.from_pretrained(
             local_dir, **{**self._load_args, "local_files_only": True}
         )
         # Not AutoTokenizer: in transformers 5.x it maps a qwen2 ``config.json`` to Qwen2Tokenizer
         # whatever tokenizer_config.json says, and that rebuilds a byte-level BPE pipeline
         # (mangling the character tokenizer). tokenizer.json alone specifies any fast tokenizer.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(local_dir, local_files_only=True)
-        return Policy(model=model, tokenizer=tokenizer)
+        return self._data_type(model=model, tokenizer=tokenizer)
 
     def save(self, data: Policy) -> None:
         save_path = get_filepath_str(self._get_save_path(), self._protocol)
@@ -92,7 +100,7 @@ class PolicyDataset(AbstractVersionedDataset[Policy, Policy]):
             if self._protocol == "file":
                 self._write(data, staging)
             else:
-                with tempfile.TemporaryDirectory(prefix="policy-save-") as local:
+                with tempfile.TemporaryDirectory(prefix=f"{self._name}-save-") as local:
                     self._write(data, local)
                     self._fs.put(local.rstrip("/") + "/", staging, recursive=True)
             self._replace(staging, save_path)
@@ -104,8 +112,11 @@ class PolicyDataset(AbstractVersionedDataset[Policy, Policy]):
             self._invalidate_cache()
 
     def _write(self, data: Policy, directory: str) -> None:
-        if not isinstance(data, Policy):
-            raise DatasetError(f"PolicyDataset saves a Policy, got {type(data).__name__}")
+        if not isinstance(data, self._data_type):
+            raise DatasetError(
+                f"{type(self).__name__} saves a {self._data_type.__name__}, "
+                f"got {type(data).__name__}"
+            )
         data.model.save_pretrained(directory, **self._save_args)
         data.tokenizer.save_pretrained(directory)
 

@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import Policy, build_char_tokenizer, build_tiny_policy, set_seed
-from fgrpo_pipeline.warmup import supervised_warmup
+from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.warmup import build_warm_policy
 
 MODEL_KEYS = (
     "hidden_size",
@@ -25,21 +25,26 @@ MODEL_KEYS = (
 WARMUP_KEYS = ("steps", "batch_size", "learning_rate", "weight_decay")
 
 
-def check_params(params: dict[str, Any]) -> None:
+def check_params(
+    params: dict[str, Any],
+    *,
+    file: str = "parameters_base_policy.yml",
+    block: str = "base_policy",
+) -> None:
     """Unknown keys and out-of-range values fail before any work."""
-    for block, keys in (("model", MODEL_KEYS), ("warmup", WARMUP_KEYS)):
-        unknown = sorted(set(params.get(block) or {}) - set(keys))
+    for part, keys in (("model", MODEL_KEYS), ("warmup", WARMUP_KEYS)):
+        unknown = sorted(set(params.get(part) or {}) - set(keys))
         if unknown:
             raise ValueError(
-                f"parameters_base_policy.yml: unknown base_policy.{block} key(s) {unknown}; "
-                f"valid: {', '.join(keys)}"
+                f"{file}: unknown {block}.{part} key(s) {unknown}; valid: {', '.join(keys)}"
             )
-    for key in ("steps", "batch_size"):
-        value = params["warmup"][key]
-        if not isinstance(value, int) or value < (0 if key == "steps" else 1):
-            raise ValueError(f"parameters_base_policy.yml: base_policy.warmup.{key}={value!r}")
-    if not params["warmup"]["learning_rate"] > 0:
-        raise ValueError("parameters_base_policy.yml: base_policy.warmup.learning_rate must be > 0")
+    warmup = params.get("warmup") or {}
+    for key, low in (("steps", 0), ("batch_size", 1)):
+        value = warmup.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{file}: {block}.warmup.{key}={value!r}")
+    if not warmup.get("learning_rate", 0) > 0:
+        raise ValueError(f"{file}: {block}.warmup.learning_rate must be > 0")
 
 
 def build_base_policy(prompts: pd.DataFrame, params: dict[str, Any]) -> tuple[Policy, pd.DataFrame]:
@@ -47,18 +52,13 @@ def build_base_policy(prompts: pd.DataFrame, params: dict[str, Any]) -> tuple[Po
     check_params(params)
     if params.get("num_threads"):
         torch.set_num_threads(params["num_threads"])
-    seed = params.get("seed", 0)
-    set_seed(seed)
-    tokenizer = build_char_tokenizer()
-    policy = build_tiny_policy(tokenizer, seed=seed, **params["model"])
     train = prompts[prompts["split"] == "train"]
-    history = supervised_warmup(
-        policy,
+    policy, history = build_warm_policy(
         train["prompt"].tolist(),
         train["ground_truth"].tolist(),
-        seed=seed,
+        model=params["model"],
+        warmup=params["warmup"],
+        seed=params.get("seed", 0),
         progress=params.get("progress", True),
-        **params["warmup"],
     )
-    policy.model.eval()
     return policy, pd.DataFrame(history, columns=["step", "loss"])

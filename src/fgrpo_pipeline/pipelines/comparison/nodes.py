@@ -17,7 +17,6 @@ from typing import Any
 import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
-from mlflow.entities import RunStatus
 
 from fgrpo_pipeline.comparison import (
     SWEPT_KEYS,
@@ -27,7 +26,7 @@ from fgrpo_pipeline.comparison import (
     run_comparison,
     run_params,
 )
-from fgrpo_pipeline.mlflow_tracking import log_step_metrics
+from fgrpo_pipeline.mlflow_tracking import ChildRuns
 from fgrpo_pipeline.modeling import Policy
 from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
 from fgrpo_pipeline.plotting import comparison_curves
@@ -83,25 +82,15 @@ def sweep_training_params(params: Mapping[str, Any], training: Mapping[str, Any]
     return merged
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-class ChildRuns:
-    """``on_run_start`` / ``on_run_end`` callbacks that make each run a nested MLflow run."""
+class MethodRuns(ChildRuns):
+    """A nested MLflow run per (method, seed), tagged and parametrised as the run trains."""
 
     def __init__(self, training_params: Mapping[str, Any], sweep: str = "divergences") -> None:
+        super().__init__()
         self.training_params = dict(training_params)
         self.sweep = sweep
-        self.run_ids: dict[tuple[str, int], str] = {}
 
-    def start(self, method: str, seed: int) -> None:
+    def start_method(self, method: str, seed: int) -> None:
         loss, divergence = method_loss(method)
         tags = {
             "comparison": self.sweep,
@@ -110,26 +99,17 @@ class ChildRuns:
             "divergence": divergence or "none",
             "seed": str(seed),
         }
-        run = mlflow.start_run(run_name=f"{method}-seed{seed}", nested=True, tags=tags)
-        self.run_ids[(method, seed)] = run.info.run_id
         config = TrainerConfig.from_params(run_params(self.training_params, method, seed))
-        params = _flatten(config.to_dict())
-        params.update(method=method, loss=loss, divergence=divergence or "none")
-        mlflow.log_params({k: str(v) for k, v in params.items()})
+        params = {**config.to_dict(), "method": method, "loss": loss}
+        params["divergence"] = divergence or "none"
+        self.start((method, seed), f"{method}-seed{seed}", tags, params)
 
-    def end(self, method: str, seed: int, summary: dict[str, Any], metrics: pd.DataFrame) -> None:
-        run_id = self.run_ids[(method, seed)]
-        log_step_metrics(metrics, run_id=run_id)
+    def end_method(
+        self, method: str, seed: int, summary: dict[str, Any], metrics: pd.DataFrame
+    ) -> None:
         values = {f"eval/{k}": summary[k] for k in HELD_OUT} | {k: summary[k] for k in TIMES}
         values |= {k: summary[k] for k in ("train_reward_final", "train_accuracy_final")}
-        mlflow.log_metrics({k: float(v) for k, v in values.items() if math.isfinite(v)})
-        mlflow.end_run()
-
-    def fail(self) -> None:
-        """End a child run left open by an error (the parent stays active)."""
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id in self.run_ids.values():
-            mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
+        self.end((method, seed), metrics, values)
 
 
 def _log_summary(summary: pd.DataFrame, base: Mapping[str, Any]) -> None:
@@ -158,7 +138,7 @@ def compare_divergences(
     test_prompts = prompts[prompts["split"] == evaluation.get("split", "test")]
     preferences = preferences_from_splits(aligned, unaligned)
     tracking = mlflow.active_run() is not None
-    children = ChildRuns(training_params) if tracking else None
+    children = MethodRuns(training_params) if tracking else None
     try:
         result = run_comparison(
             base_policy,
@@ -169,8 +149,8 @@ def compare_divergences(
             training_params=training_params,
             evaluation_config=evaluation_config,
             preferences=preferences,
-            on_run_start=children.start if children else None,
-            on_run_end=children.end if children else None,
+            on_run_start=children.start_method if children else None,
+            on_run_end=children.end_method if children else None,
             progress=params.get("progress", True),
         )
     except BaseException:

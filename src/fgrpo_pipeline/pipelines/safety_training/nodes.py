@@ -1,0 +1,105 @@
+"""Nodes of ``safety_training``: one f-HAL run rewarded by the reward model, and its
+evaluation by the gold judge (ASR, over-refusal) and by latent separation.
+
+Parameters: parameters_safety_training.yml (the run, with the reward-hacking ``monitor``)
+and parameters_safety_evaluation.yml (the held-out evaluation). The gold judge never
+trains: it is the trainer's correctness measure and the evaluation's judge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fgrpo_pipeline.evaluation import EvaluationConfig
+from fgrpo_pipeline.latent import latent_projection
+from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.plotting import latent_scatter, reward_hacking_curves
+from fgrpo_pipeline.reward_model import RewardModel, reward_model_reward
+from fgrpo_pipeline.safety import GoldJudge, RewardHackingMonitor
+from fgrpo_pipeline.safety_comparison import Anchors, evaluate_safety
+from fgrpo_pipeline.trainer import RUN_KEYS, TrainerConfig, preferences_from_splits, train
+
+FILE = "parameters_safety_training.yml"
+EVALUATION_FILE = "parameters_safety_evaluation.yml"
+MONITOR_KEY, JUDGE_KEY = "monitor", "judge"  # beside the trainer's keys, not its own
+
+
+def check_params(params: dict[str, Any]) -> tuple[TrainerConfig, dict[str, Any], GoldJudge]:
+    """The run's trainer configuration, the monitor's options and the gold judge, checked."""
+    try:
+        monitor = dict(params.get(MONITOR_KEY) or {})
+        RewardHackingMonitor(**monitor)
+        judge = GoldJudge.from_params(params.get(JUDGE_KEY))
+        config = TrainerConfig.from_params(
+            {k: v for k, v in params.items() if k not in (*RUN_KEYS, MONITOR_KEY, JUDGE_KEY)}
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{FILE}: {err}") from err
+    return config, monitor, judge
+
+
+def check_evaluation_params(params: dict[str, Any]) -> tuple[EvaluationConfig, GoldJudge]:
+    try:
+        judge = GoldJudge.from_params(params.get(JUDGE_KEY))
+        config = EvaluationConfig(**{k: v for k, v in params.items() if k != JUDGE_KEY})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{EVALUATION_FILE}: {err}") from err
+    return config, judge
+
+
+def train_safety_policy(
+    base_policy: Policy,
+    reward_model: RewardModel,
+    prompts: pd.DataFrame,
+    aligned: pd.DataFrame,
+    unaligned: pd.DataFrame,
+    params: dict[str, Any],
+) -> tuple[Policy, pd.DataFrame, pd.DataFrame]:
+    """(trained policy, per-step metrics with the monitor's columns, logged completions)."""
+    config, monitor, judge = check_params(params)
+    result = train(
+        base_policy,
+        prompts[prompts["split"] == "train"],
+        config,
+        preferences=preferences_from_splits(aligned, unaligned),
+        progress=params.get("progress", True),
+        reward_fn=reward_model_reward(reward_model),
+        correctness_fn=judge,
+        monitors=[RewardHackingMonitor(**monitor)],
+    )
+    return result.policy, result.metrics, result.completions
+
+
+def evaluate_safety_policies(
+    base_policy: Policy,
+    trained_policy: Policy,
+    reward_model: RewardModel,
+    prompts: pd.DataFrame,
+    params: dict[str, Any],
+) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """(``{"base", "trained", "change"}`` report, sampled completions, anchor projections)."""
+    config, judge = check_evaluation_params(params)
+    test = prompts[prompts["split"] == "test"]
+    anchors = Anchors.from_prompts(prompts[prompts["split"] == "anchor"])
+    reward_fn = reward_model_reward(reward_model)
+    report: dict[str, Any] = {}
+    samples, hidden = [], {}
+    for name, policy in (("base", base_policy), ("trained", trained_policy)):
+        metrics, rows, hidden[name] = evaluate_safety(
+            policy, base_policy, test, anchors, config, reward_fn, judge
+        )
+        report[name] = metrics
+        samples.append(rows.assign(policy=name))
+    report["change"] = {k: report["trained"][k] - report["base"][k] for k in report["base"]}
+    return report, pd.concat(samples, ignore_index=True), latent_projection(hidden)
+
+
+def plot_safety_training(metrics: pd.DataFrame) -> Figure:
+    return reward_hacking_curves(metrics)
+
+
+def plot_latent_separation(latent: pd.DataFrame) -> Figure:
+    return latent_scatter(latent)
