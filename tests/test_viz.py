@@ -189,10 +189,16 @@ def test_viz_shows_every_pipeline_and_the_lineage_of_the_datasets(project_copy: 
     writers = {e["source"] for e in main["edges"] if e["target"] == aligned_id}
     assert writers and writers <= labeling
 
-    # The full graph has its layer bands in data-flow order (no layer cycle).
-    assert main["layers"] == ["primary", "model_input", "models", "model_output", "reporting"], (
-        main["layers"]
-    )
+    # The layer bands are in data-flow order (no layer cycle); "intermediate" holds the safety
+    # setting's records.
+    assert main["layers"] == [
+        "intermediate",
+        "primary",
+        "model_input",
+        "models",
+        "model_output",
+        "reporting",
+    ], main["layers"]
 
     # Clicking a dataset shows where it lives.
     assert aligned_meta["filepath"].endswith("data/05_model_input/aligned.parquet")

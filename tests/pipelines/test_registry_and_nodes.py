@@ -18,6 +18,7 @@ PIPELINES = [
     "training",
     "evaluation",
 ]
+SAFETY_PIPELINES = ["safety_data", "reward_model", "safety_base_policy", "safety_training"]
 
 
 def test_kedro_registry_list_shows_every_pipeline():
@@ -31,7 +32,28 @@ def test_kedro_registry_list_shows_every_pipeline():
         check=True,
     ).stdout
     listed = {line.strip("- ").strip() for line in out.splitlines() if line.startswith("- ")}
-    assert listed == {"__default__", "comparison", *PIPELINES}
+    assert listed == {
+        "__default__",
+        "comparison",
+        *PIPELINES,
+        *SAFETY_PIPELINES,
+        "safety",
+        "safety_comparison",
+    }
+
+
+def test_safety_comparison_runs_from_the_data_up():
+    from fgrpo_pipeline.pipeline_registry import register_pipelines
+
+    pipelines = register_pipelines()
+    sweep = pipelines["safety_comparison"]
+    # everything it reads is made inside it: one command works from a fresh clone
+    assert {i for i in sweep.inputs() if not i.startswith("params:")} == set()
+    order = [n.name for n in sweep.nodes]
+    assert order.index("fit_reward_model_node") < order.index("compare_safety_node")
+    assert {n.name for n in pipelines["safety"].nodes} == {
+        n.name for name in SAFETY_PIPELINES for n in pipelines[name].nodes
+    }
 
 
 def test_default_pipeline_is_the_stages_in_order():
