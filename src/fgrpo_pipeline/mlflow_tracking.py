@@ -5,7 +5,7 @@ every ``params:`` input. This hook adds what it does not do:
 
 * every dataset a run saves to a local file or folder becomes an artifact under
   ``<data layer folder>/<dataset name>/`` (e.g. ``05_model_input/aligned/aligned.parquet``);
-* ``training_metrics`` is logged as per-step metrics (``step=``), names made MLflow-safe;
+* ``training_metrics`` and ``safety_training_metrics`` are logged as per-step metrics (``step=``);
 * ``training_completions`` is also logged as one ``mlflow.log_table`` per logging step,
   beside its parquet file (``07_model_output/training_completions/step_000050.json``);
 * tags: the pipelines run, the git commit, and the training loss, divergence, λ and seed.

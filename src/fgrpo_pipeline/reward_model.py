@@ -26,6 +26,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
+from fgrpo_pipeline.warmup import index_batches
+
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
@@ -102,22 +104,6 @@ def _score_rows(model: PreTrainedModel, rows: list[list[int]], pad_id: int) -> T
         use_cache=False,
     ).logits
     return logits[:, 0].float()
-
-
-def _index_batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
-    """Index batches drawn epoch by epoch from seeded permutations (no repeats in an epoch).
-
-    The same scheme as the warm-up's batches.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    batches = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        batches.append(order[:batch_size])
-        order = order[batch_size:]
-    return batches
 
 
 def _check_texts(prompts: Sequence[str], completions: Sequence[str]) -> None:
@@ -221,7 +207,7 @@ def train_reward_model(
     model.train()
     history: list[dict[str, float]] = []
     try:
-        batches = _index_batches(len(pairs), batch_size, steps, seed)
+        batches = index_batches(len(pairs), batch_size, steps, seed)
         bar = tqdm(batches, desc="reward model", disable=not progress, mininterval=1.0)
         for step, index in enumerate(bar):
             index = index.tolist()

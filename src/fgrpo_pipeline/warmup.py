@@ -27,7 +27,7 @@ def _pad(rows: list[list[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Ten
     return ids, mask
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
+def index_batches(n: int, batch_size: int, steps: int, seed: int) -> list[Tensor]:
     """Index batches drawn epoch by epoch from seeded permutations (no repeats in an epoch)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
@@ -93,7 +93,7 @@ def supervised_warmup(
     model.train()
     history: list[dict[str, float]] = []
     try:
-        batches = _batches(len(prompts), batch_size, steps, seed)
+        batches = index_batches(len(prompts), batch_size, steps, seed)
         bar = tqdm(batches, desc="warm-up", disable=not progress, mininterval=1.0)
         for step, index in enumerate(bar):
             prompt_ids, prompt_mask = _pad(
