@@ -340,3 +340,35 @@ def test_from_params(tokenizer):
         apply_lora(_policy(tokenizer), LoraSettings(target_modules=("c_attn",)))
     with pytest.raises(ValueError, match="bias='all'"):
         make_reference(apply_lora(_policy(tokenizer), LoraSettings(bias="all")))
+
+
+def test_the_trainer_trains_only_the_adapter_against_the_unchanged_base(tokenizer):
+    from fgrpo_pipeline.data_sources import make_arithmetic_prompts
+    from fgrpo_pipeline.trainer import TrainerConfig, train
+
+    prompts = make_arithmetic_prompts(n_train=16, n_test=0, operations=["+"], operand_max=9)
+    policy = _policy(tokenizer)
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    config = TrainerConfig.from_params(
+        {
+            "steps": 3,
+            "prompts_per_step": 4,
+            "group_size": 4,
+            "learning_rate": 1e-2,
+            "rewards": {"format": 1.0},
+            "lora": {"r": 4, "alpha": 8},
+        }
+    )
+    def longer_is_better(prompts, completions, **columns):  # spread in every group
+        return [float(len(c)) for c in completions]
+
+    result = train(policy, prompts, config, progress=False, reward_fn=longer_is_better)
+    trained = result.policy.model
+    assert is_lora(result.policy)
+    # the input policy is untouched, and so are the trained policy's base weights
+    assert all(torch.equal(v, policy.model.state_dict()[k]) for k, v in before.items())
+    base = {_base_name(k): v for k, v in trained.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], v) for k, v in before.items() if k in base)
+    moved = [k for k, v in trained.state_dict().items() if "lora_B" in k and v.abs().sum() > 0]
+    assert moved, "the adapter did not train"
+    assert result.metrics.loc[0, "kl_to_ref"] == pytest.approx(0.0, abs=1e-5)

@@ -128,3 +128,14 @@ def test_monitor_gain_is_in_units_of_the_initial_reward_std():
 def test_monitor_rejects_a_bad_window():
     with pytest.raises(ValueError, match="window"):
         RewardHackingMonitor(window=0)
+
+
+def test_monitor_state_round_trip_continues_exactly():
+    rm = [0.0] * 5 + [float(i) for i in range(10)]
+    gold = [0.5] * 5 + [0.4] * 10
+    whole = _feed(RewardHackingMonitor(window=5), rm, gold)
+    first = RewardHackingMonitor(window=5)
+    _feed(first, rm[:8], gold[:8])
+    resumed = RewardHackingMonitor(window=5)
+    resumed.load_state_dict(first.state_dict())
+    assert _feed(resumed, rm[8:], gold[8:]) == whole[8:]

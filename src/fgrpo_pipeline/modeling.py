@@ -108,3 +108,47 @@ def build_tiny_policy(
         top_k=0,
     )
     return Policy(model=model, tokenizer=tokenizer)
+
+
+TOKENIZER_LOADERS = ("auto", "fast")
+
+
+def load_pretrained_policy(
+    model: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    local_files_only: bool = False,
+    tokenizer: str = "auto",
+    gradient_checkpointing: bool = False,
+) -> Policy:
+    """A pretrained causal LM and its tokenizer from a hub id or a ``save_pretrained`` dir.
+
+    ``tokenizer="fast"`` reads ``tokenizer.json`` with ``PreTrainedTokenizerFast`` (needed
+    for this project's character tokenizer, which ``AutoTokenizer`` would rebuild as BPE);
+    ``"auto"`` is right for hub models. Padding is set to the left for batched generation,
+    and a tokenizer without a pad token pads with EOS.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tokenizer not in TOKENIZER_LOADERS:
+        raise ValueError(
+            f"tokenizer must be one of {', '.join(TOKENIZER_LOADERS)}, got {tokenizer!r}"
+        )
+    if dtype != "auto" and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"dtype must be 'auto' or a torch dtype name (bfloat16, …), got {dtype!r}")
+    where = {"revision": revision, "local_files_only": local_files_only}
+    loader = AutoTokenizer if tokenizer == "auto" else PreTrainedTokenizerFast
+    tok = loader.from_pretrained(model, **where)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(
+        model, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **where
+    )
+    if lm.generation_config.pad_token_id is None:
+        lm.generation_config.pad_token_id = tok.pad_token_id
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.config.use_cache = False  # generate() passes use_cache=True itself
+    return Policy(model=lm, tokenizer=tok)

@@ -154,6 +154,17 @@ class RewardHackingMonitor:
             raise ValueError(f"monitor window must be an integer ≥ 1, got {self.window!r}")
         self._recent = deque(maxlen=self.window)
 
+    def state_dict(self) -> dict[str, list]:
+        """What a resumed run needs to flag exactly as the uninterrupted one would."""
+        return {
+            "baseline": [list(b) for b in self._baseline],
+            "recent": [list(r) for r in self._recent],
+        }
+
+    def load_state_dict(self, state: Mapping[str, list]) -> None:
+        self._baseline = [tuple(b) for b in state["baseline"]]
+        self._recent = deque((tuple(r) for r in state["recent"]), maxlen=self.window)
+
     def __call__(self, row: Mapping[str, float]) -> dict[str, float]:
         rm, gold = float(row["reward_mean"]), float(row["accuracy"])
         if len(self._baseline) < self.window:

@@ -3,23 +3,30 @@
 Plain torch (no Kedro, no MLflow). One optimiser step per rollout batch, so the sampling
 policy π_old is the policy at the start of the step and its log-probabilities come from
 generation itself; the reference π_ref is a frozen copy of the starting policy.
+
+With a ``resume_dir``, the whole training state is written there every ``checkpoint_every``
+steps and a rerun continues from the latest one, ending as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fgrpo_pipeline import resume
 from fgrpo_pipeline.advantages import ADVANTAGE_SCALES, frac_reward_zero_std
 from fgrpo_pipeline.labeling import score_rollouts, side_labels
+from fgrpo_pipeline.lora import LoraSettings, apply_lora, make_reference, trainable_parameters
 from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
 from fgrpo_pipeline.modeling import Policy, set_seed
 from fgrpo_pipeline.rewards import REWARDS, RewardFn, combine_rewards, get_reward
@@ -48,6 +55,8 @@ class TrainerConfig:
     rewards: dict[str, float] = field(default_factory=lambda: {"exact_number": 1.0})
     correctness_reward: str = "exact_number"
     engine: str = "hf"
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
     offline_batch_size: int = 16
     checkpoint_every: int = 0
     log_completions_every: int = 0
@@ -78,6 +87,16 @@ class TrainerConfig:
             f"must be one of {', '.join(ADVANTAGE_SCALES)}",
         )
         ENGINES.check(self.engine, "training.engine")
+        self.engine_options = dict(self.engine_options or {})
+        try:
+            get_engine(self.engine, **self.engine_options)  # engines import heavy packages lazily
+        except TypeError as err:
+            raise ValueError(
+                f"training parameter 'engine_options' for {self.engine!r}: {err}"
+            ) from None
+        if self.lora is not None:
+            self.lora = dict(self.lora)
+            LoraSettings.from_params(self.lora)
         REWARDS.check(self.correctness_reward, "training.correctness_reward")
         combine_rewards(self.rewards)  # validates names and weights
 
@@ -109,7 +128,22 @@ class TrainerConfig:
 
 
 # Keys of the ``training`` parameters that say how a run is shown, not what it trains.
-RUN_KEYS = ("progress",)
+RUN_KEYS = ("progress", "resume_dir")
+
+# Config fields a run may be resumed with other values of: they change how long it runs,
+# when it is saved and how many threads it uses, not what a step computes.
+
+logger = logging.getLogger(__name__)
+
+
+def check_run_params(params: Mapping[str, Any]) -> None:
+    """The run keys beside the configuration: a ``resume_dir`` needs checkpoints to resume."""
+    if params.get("resume_dir") and not params.get("checkpoint_every"):
+        raise ValueError(
+            "training parameter 'resume_dir' needs 'checkpoint_every' ≥ 1 (how often the "
+            "full state is saved there)"
+        )
+
 
 _INT_FIELDS = (
     "steps",
@@ -171,6 +205,7 @@ class TrainingResult:
     metrics: pd.DataFrame
     checkpoints: dict[int, Policy]
     completions: pd.DataFrame
+    resumed_from_step: int = 0  # the resume state's step the run continued from; 0 if none
 
 
 def encode_completions(
@@ -241,6 +276,7 @@ def train(
     reward_fn: RewardFn | None = None,
     correctness_fn: RewardFn | None = None,
     monitors: Sequence[StepMonitor] = (),
+    resume_dir: str | Path | None = None,
 ) -> TrainingResult:
     """Train ``policy`` online on ``prompts`` (columns id, prompt, ground_truth).
 
@@ -248,22 +284,50 @@ def train(
     stay as the frozen reference. ``reward_fn`` / ``correctness_fn`` replace the named
     rewards of ``config`` (e.g. a learned reward model, and a gold judge that is only
     measured); each monitor sees a step's metrics row and adds columns to it.
+
+    With ``resume_dir``, every ``checkpoint_every`` steps the training state (weights,
+    optimiser, step, metrics and completions so far, skipped-step count, the python / numpy /
+    torch RNGs and the trainer's generator) is written atomically to
+    ``resume_dir/step_XXXXXX``, replacing the previous one. A run that finds a state there
+    continues after its step, and ends with the weights and metrics (all but the ``time_*``
+    and ``tokens_per_second`` columns) of the uninterrupted run with the same seed. It must be
+    given the same starting policy (still the reference), prompts, preferences, reward
+    functions and config (``steps``, ``checkpoint_every`` and ``num_threads`` may change), or
+    a ValueError names the difference. A monitor's state is saved and restored only if it has
+    ``state_dict()`` / ``load_state_dict(state)`` (state of tensors and plain containers);
+    others restart empty, with a warning. ``checkpoints`` then holds the snapshots from the
+    resumed step on; ``on_step`` is called for the steps run, not the restored ones.
     """
     if config.loss.name == "f_hal" and config.loss.lam > 0 and preferences is None:
         raise ValueError("loss f_hal with lam > 0 needs preference data (aligned/unaligned)")
     if len(prompts) < 1:
         raise ValueError("training needs at least one prompt")
+    if resume_dir is not None and not config.checkpoint_every:
+        raise ValueError(
+            "resume_dir needs training parameter 'checkpoint_every' ≥ 1 (how often to save)"
+        )
+    fingerprint: dict[str, Any] = {}
+    if resume_dir is not None:
+        resume_dir = Path(resume_dir)
+        fingerprint = resume.fingerprint(
+            config, policy, prompts, preferences, reward_fn, correctness_fn, monitors
+        )
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
 
-    reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
     policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer)
+    if config.lora is not None:
+        policy = apply_lora(policy, LoraSettings.from_params(config.lora))
+    # LoRA: the same base weights with the adapter off (no second copy); else a frozen copy.
+    reference = make_reference(policy)
     model = policy.model.train()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    engine = get_engine(config.engine)
+    engine = get_engine(config.engine, **config.engine_options)
+    # Engines that keep their own copy of the weights (vLLM) get them after every update.
+    sync_weights = getattr(engine, "sync_weights", None)
     loss_fn = get_loss(config.loss.name)
     reward_fn = reward_fn or combine_rewards(config.rewards)
     correctness_fn = correctness_fn or get_reward(config.correctness_reward)
@@ -275,12 +339,30 @@ def train(
     checkpoints: dict[int, Policy] = {}
     completion_tables: list[pd.DataFrame] = []
     skipped = 0
+    resumed_from = 0
+    if resume_dir is not None:
+        resume.sweep_staging(resume_dir)
+        if states := resume.resume_states(resume_dir):
+            path = states[-1][1]
+            state = resume.load_resume_state(path, fingerprint, model, optimizer, gen, monitors)
+            if state.step > config.steps:
+                raise ValueError(
+                    f"checkpoint {path} is at step {state.step}, past this run's "
+                    f"steps={config.steps}: raise steps or use an empty resume_dir"
+                )
+            resumed_from, skipped = state.step, state.skipped
+            rows, completion_tables = state.rows, state.completion_tables
+            if state.step % config.checkpoint_every == 0:
+                checkpoints[state.step] = _snapshot(policy)
+            logger.info("resuming training from %s (step %d)", path, state.step)
     # mininterval: a redirected log gets a line a second, not one per step
     bar = tqdm(
-        range(1, config.steps + 1),
+        range(resumed_from + 1, config.steps + 1),
         desc=f"train {config.loss.name}",
         disable=not progress,
         mininterval=1.0,
+        initial=resumed_from,
+        total=config.steps,
     )
     for step in bar:
         t0 = time.perf_counter()
@@ -332,6 +414,8 @@ def train(
             applied = torch.isfinite(grad_norm).item()
             if applied:
                 optimizer.step()
+                if sync_weights is not None:
+                    sync_weights(policy)
         skipped += not applied
         t3 = time.perf_counter()
 
@@ -380,6 +464,16 @@ def train(
             )
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             checkpoints[step] = _snapshot(policy)
+            if resume_dir is not None:
+                resume.save_resume_state(
+                    resume_dir,
+                    fingerprint,
+                    resume.ResumeState(step, skipped, rows, completion_tables),
+                    model,
+                    optimizer,
+                    gen,
+                    monitors,
+                )
 
     model.eval()
     completions = (
@@ -398,5 +492,9 @@ def train(
         )
     )
     return TrainingResult(
-        policy=policy, metrics=pd.DataFrame(rows), checkpoints=checkpoints, completions=completions
+        policy=policy,
+        metrics=pd.DataFrame(rows),
+        checkpoints=checkpoints,
+        completions=completions,
+        resumed_from_step=resumed_from,
     )

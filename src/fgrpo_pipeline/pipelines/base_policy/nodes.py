@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.modeling import Policy, load_pretrained_policy
 from fgrpo_pipeline.warmup import build_warm_policy
 
 MODEL_KEYS = (
@@ -23,6 +23,15 @@ MODEL_KEYS = (
     "max_position_embeddings",
 )
 WARMUP_KEYS = ("steps", "batch_size", "learning_rate", "weight_decay")
+SOURCES = ("tiny", "pretrained")
+PRETRAINED_KEYS = (
+    "model",
+    "revision",
+    "dtype",
+    "local_files_only",
+    "tokenizer",
+    "gradient_checkpointing",
+)
 
 
 def check_params(
@@ -32,6 +41,8 @@ def check_params(
     block: str = "base_policy",
 ) -> None:
     """Unknown keys and out-of-range values fail before any work."""
+    if block == "base_policy" and _check_source(params) == "pretrained":
+        return  # no local model to build, no warm-up
     for part, keys in (("model", MODEL_KEYS), ("warmup", WARMUP_KEYS)):
         unknown = sorted(set(params.get(part) or {}) - set(keys))
         if unknown:
@@ -47,8 +58,36 @@ def check_params(
         raise ValueError(f"{file}: {block}.warmup.learning_rate must be > 0")
 
 
+def _check_source(params: dict[str, Any]) -> str:
+    source = params.get("source", "tiny")
+    if source not in SOURCES:
+        raise ValueError(
+            f"parameters_base_policy.yml: unknown base_policy.source {source!r}; "
+            f"valid: {', '.join(SOURCES)}"
+        )
+    if source == "pretrained":
+        pretrained = params.get("pretrained") or {}
+        unknown = sorted(set(pretrained) - set(PRETRAINED_KEYS))
+        if unknown:
+            raise ValueError(
+                f"parameters_base_policy.yml: unknown base_policy.pretrained key(s) {unknown}; "
+                f"valid: {', '.join(PRETRAINED_KEYS)}"
+            )
+        if not pretrained.get("model"):
+            raise ValueError(
+                "parameters_base_policy.yml: base_policy.pretrained.model (a hub id or a "
+                "save_pretrained directory) is not set"
+            )
+    return source
+
+
 def build_base_policy(prompts: pd.DataFrame, params: dict[str, Any]) -> tuple[Policy, pd.DataFrame]:
-    """A locally built Qwen2-style policy, warmed up on the train split's answers."""
+    """The base policy: built locally and warmed up on the train split's answers
+    (``source: tiny``), or a pretrained model as it is (``source: pretrained``)."""
+    source = _check_source(params)
+    if source == "pretrained":
+        policy = load_pretrained_policy(**params["pretrained"])
+        return policy, pd.DataFrame(columns=["step", "loss"])
     check_params(params)
     if params.get("num_threads"):
         torch.set_num_threads(params["num_threads"])

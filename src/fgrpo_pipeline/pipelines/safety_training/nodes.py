@@ -20,7 +20,13 @@ from fgrpo_pipeline.plotting import latent_scatter, reward_hacking_curves
 from fgrpo_pipeline.reward_model import RewardModel, reward_model_reward
 from fgrpo_pipeline.safety import GoldJudge, RewardHackingMonitor
 from fgrpo_pipeline.safety_comparison import Anchors, evaluate_safety
-from fgrpo_pipeline.trainer import RUN_KEYS, TrainerConfig, preferences_from_splits, train
+from fgrpo_pipeline.trainer import (
+    RUN_KEYS,
+    TrainerConfig,
+    check_run_params,
+    preferences_from_splits,
+    train,
+)
 
 FILE = "parameters_safety_training.yml"
 EVALUATION_FILE = "parameters_safety_evaluation.yml"
@@ -30,6 +36,7 @@ MONITOR_KEY, JUDGE_KEY = "monitor", "judge"  # beside the trainer's keys, not it
 def check_params(params: dict[str, Any]) -> tuple[TrainerConfig, dict[str, Any], GoldJudge]:
     """The run's trainer configuration, the monitor's options and the gold judge, checked."""
     try:
+        check_run_params(params)
         monitor = dict(params.get(MONITOR_KEY) or {})
         RewardHackingMonitor(**monitor)
         judge = GoldJudge.from_params(params.get(JUDGE_KEY))
@@ -66,6 +73,7 @@ def train_safety_policy(
         config,
         preferences=preferences_from_splits(aligned, unaligned),
         progress=params.get("progress", True),
+        resume_dir=params.get("resume_dir"),
         reward_fn=reward_model_reward(reward_model),
         correctness_fn=judge,
         monitors=[RewardHackingMonitor(**monitor)],

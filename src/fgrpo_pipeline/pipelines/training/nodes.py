@@ -10,12 +10,20 @@ from typing import Any
 
 import pandas as pd
 
+from fgrpo_pipeline.lora import merge_for_export
 from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import RUN_KEYS, TrainerConfig, preferences_from_splits, train
+from fgrpo_pipeline.trainer import (
+    RUN_KEYS,
+    TrainerConfig,
+    check_run_params,
+    preferences_from_splits,
+    train,
+)
 
 
 def check_params(params: dict[str, Any]) -> TrainerConfig:
     try:
+        check_run_params(params)
         return TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
     except (TypeError, ValueError) as err:
         raise ValueError(f"parameters_training.yml: {err}") from err
@@ -38,6 +46,11 @@ def train_policy(
         config,
         preferences=preferences,
         progress=params.get("progress", True),
+        resume_dir=params.get("resume_dir"),
     )
-    checkpoints = {f"step_{step:06d}": ckpt for step, ckpt in result.checkpoints.items()}
-    return result.policy, result.metrics, result.completions, checkpoints
+    # A LoRA policy is saved merged, so any transformers loader reads it back; keep adapters
+    # alone with an AdapterDataset entry instead (see README, "Real models").
+    checkpoints = {
+        f"step_{step:06d}": merge_for_export(ckpt) for step, ckpt in result.checkpoints.items()
+    }
+    return merge_for_export(result.policy), result.metrics, result.completions, checkpoints
