@@ -359,6 +359,7 @@ def test_the_trainer_trains_only_the_adapter_against_the_unchanged_base(tokenize
             "lora": {"r": 4, "alpha": 8},
         }
     )
+
     def longer_is_better(prompts, completions, **columns):  # spread in every group
         return [float(len(c)) for c in completions]
 
@@ -372,3 +373,12 @@ def test_the_trainer_trains_only_the_adapter_against_the_unchanged_base(tokenize
     moved = [k for k, v in trained.state_dict().items() if "lora_B" in k and v.abs().sum() > 0]
     assert moved, "the adapter did not train"
     assert result.metrics.loc[0, "kl_to_ref"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_generating_with_a_lora_policy_leaves_both_generation_configs_as_they_were(tokenizer):
+    policy = apply_lora(_policy(tokenizer), LoraSettings(r=4, alpha=8))
+    before = (policy.model.generation_config, policy.model.get_base_model().generation_config)
+    HFEngine().generate(policy, ["1+1="], 2, SamplingConfig(max_new_tokens=3))
+    after = (policy.model.generation_config, policy.model.get_base_model().generation_config)
+    assert after[0] is before[0] and after[1] is before[1]
+    assert not getattr(after[1], "output_logits", False)

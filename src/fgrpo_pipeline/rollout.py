@@ -142,11 +142,14 @@ class HFEngine:
             return_dict_in_generate=True,
             output_logits=True,
         )
-        saved_config, was_training = model.generation_config, model.training
+        # A peft model copies its config into the base model it wraps: restore both.
+        holders = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
+        saved_configs, was_training = [h.generation_config for h in holders], model.training
         # generate() fills every knob left unset from model.generation_config (a checkpoint's
         # top_k or repetition_penalty, say); swapping it in keeps the sampling distribution the
         # one old_logps describe.
-        model.generation_config = config
+        for holder in holders:
+            holder.generation_config = config
         model.eval()
         rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
         try:
@@ -157,7 +160,8 @@ class HFEngine:
                     input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config
                 )
         finally:
-            model.generation_config = saved_config
+            for holder, saved in zip(holders, saved_configs, strict=True):
+                holder.generation_config = saved
             model.train(was_training)
 
         completion_ids = out.sequences[:, prompt_ids.shape[1] :]
@@ -191,16 +195,30 @@ def repeat_each(values: list, times: int) -> list:
     return [value for value in values for _ in range(times)]
 
 
-def batch_logprobs(model: PreTrainedModel, batch: RolloutBatch, temperature: float) -> Tensor:
-    """:func:`token_logprobs` of a rollout batch's completions under ``model``."""
-    return token_logprobs(
-        model,
-        batch.prompt_ids,
-        batch.prompt_mask,
-        batch.completion_ids,
-        batch.completion_mask,
-        temperature,
+def batch_logprobs(
+    model: PreTrainedModel, batch: RolloutBatch, temperature: float, micro_batch_size: int = 0
+) -> Tensor:
+    """:func:`token_logprobs` of a rollout batch's completions under ``model``, computed
+    ``micro_batch_size`` sequences at a time (0 = all at once) to bound activation memory."""
+    return torch.cat(
+        [
+            token_logprobs(
+                model,
+                batch.prompt_ids[rows],
+                batch.prompt_mask[rows],
+                batch.completion_ids[rows],
+                batch.completion_mask[rows],
+                temperature,
+            )
+            for rows in micro_batches(batch.completion_ids.shape[0], micro_batch_size)
+        ]
     )
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` rows covering ``n`` (one slice when ``size`` is 0)."""
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)] or [slice(0, 0)]
 
 
 def token_logprobs(
@@ -234,3 +252,7 @@ def token_logprobs(
     ).logits[:, :-1]
     logps = _sampled_logps(logits, completion_ids, temperature)
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
+
+
+# Registers the "vllm" engine; vllm itself is imported only when that engine is used.
+from fgrpo_pipeline import vllm_engine  # noqa: E402,F401

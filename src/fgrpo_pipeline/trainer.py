@@ -35,6 +35,7 @@ from fgrpo_pipeline.rollout import (
     SamplingConfig,
     batch_logprobs,
     get_engine,
+    micro_batches,
     repeat_each,
     token_logprobs,
 )
@@ -58,6 +59,7 @@ class TrainerConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] | None = None
     offline_batch_size: int = 16
+    micro_batch_size: int = 0
     checkpoint_every: int = 0
     log_completions_every: int = 0
     num_threads: int = 0
@@ -79,7 +81,13 @@ class TrainerConfig:
             "must be > 0",
         )
         _require(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-        for name in ("checkpoint_every", "log_completions_every", "num_threads", "weight_decay"):
+        for name in (
+            "checkpoint_every",
+            "log_completions_every",
+            "num_threads",
+            "weight_decay",
+            "micro_batch_size",
+        ):
             _require(getattr(self, name) >= 0, name, "must be ≥ 0")
         _require(
             self.advantage_scale in ADVANTAGE_SCALES,
@@ -151,6 +159,7 @@ _INT_FIELDS = (
     "group_size",
     "seed",
     "offline_batch_size",
+    "micro_batch_size",
     "checkpoint_every",
     "log_completions_every",
     "num_threads",
@@ -254,6 +263,24 @@ def _offline_minibatch(
     chosen, chosen_ref = draw(data.chosen_prompts, data.chosen_completions)
     rejected, rejected_ref = draw(data.rejected_prompts, data.rejected_completions)
     return PreferenceInputs(chosen, chosen_ref, rejected, rejected_ref)
+
+
+def backward_in_micro_batches(
+    model, batch, logps_grad: torch.Tensor, micro_batch_size: int, temperature: float
+) -> None:
+    """Accumulate into ``model``'s gradients ``∂L/∂θ = Σ ∂L/∂logps · ∂logps/∂θ``, given
+    ``logps_grad`` = ∂L/∂logps [N, T] of a rollout batch, one micro-batch of sequences at a
+    time: only one micro-batch's activations are alive at once."""
+    for chunk in micro_batches(len(batch), micro_batch_size):
+        part = token_logprobs(
+            model,
+            batch.prompt_ids[chunk],
+            batch.prompt_mask[chunk],
+            batch.completion_ids[chunk],
+            batch.completion_mask[chunk],
+            temperature,
+        )
+        part.backward(logps_grad[chunk])
 
 
 def _uses_offline_data(loss: LossConfig) -> bool:
@@ -384,11 +411,20 @@ def train(
             group_size=g,
             advantage_scale=config.advantage_scale,
         )
+        micro = config.micro_batch_size if 0 < config.micro_batch_size < len(batch) else 0
         with torch.no_grad():
-            ref_logps = batch_logprobs(reference, batch, temperature)
+            ref_logps = batch_logprobs(reference, batch, temperature, micro)
         t2 = time.perf_counter()
 
-        logps = batch_logprobs(model, batch, temperature)
+        if micro:
+            # Gradient accumulation: the loss sees the log-probs as a leaf; its gradient is
+            # pushed back through the policy one micro-batch at a time (exact for any loss
+            # of the log-probs, at the cost of one extra no-grad forward).
+            with torch.no_grad():
+                logps = batch_logprobs(model, batch, temperature, micro)
+            logps.requires_grad_(True)
+        else:
+            logps = batch_logprobs(model, batch, temperature)
         offline = None
         if preferences is not None and _uses_offline_data(config.loss):
             offline = _offline_minibatch(
@@ -410,6 +446,8 @@ def train(
         grad_norm = math.nan
         if applied:
             out.loss.backward()
+            if micro and logps.grad is not None:  # None: the loss ignores the rollouts (DPO)
+                backward_in_micro_batches(model, batch, logps.grad, micro, temperature)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             applied = torch.isfinite(grad_norm).item()
             if applied:
