@@ -76,6 +76,26 @@ def _resolve(divergence: Divergence | str) -> Divergence:
     return divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
 
 
+# (choice) |r_θ| bound: exp(r − 1) (KL) overflows float32 near r = 89; 50 leaves a margin.
+DEFAULT_REWARD_BOUND = 50.0
+# GRPO's token log-ratios are clamped to ±this before exp (e^20 ≈ 5e8, far outside any clip).
+MAX_TOKEN_LOG_RATIO = 20.0
+
+
+def bounded(score: Tensor, bound: float | None) -> Tensor:
+    """``score`` clamped to ``[−bound, bound]`` in value, with its gradient passed straight
+    through (identity), so a saturated sequence is still pushed the right way. ``None``: as is.
+    """
+    if bound is None:
+        return score
+    return score + (score.clamp(-bound, bound) - score).detach()
+
+
+def _check_bound(bound: float | None) -> None:
+    if bound is not None and not (isinstance(bound, (int, float)) and 0 < bound < float("inf")):
+        raise ValueError(f"reward_bound must be a finite number > 0 or None, got {bound!r}")
+
+
 def _mean_or_zero(x: Tensor) -> float:
     return x.mean().item() if x.numel() else 0.0
 
@@ -112,6 +132,7 @@ def f_grpo_loss(
     old_logps: Tensor | None = None,
     rewards: Tensor | None = None,
     old_ratio_coef: float | None = None,
+    reward_bound: float | None = DEFAULT_REWARD_BOUND,
 ) -> LossOutput:
     """On-policy f-GRPO loss (spec §4).
 
@@ -126,8 +147,12 @@ def f_grpo_loss(
     ``old_ratio_coef`` (γ) switches to the authors' surrogate: ``s_i += γ(logps_i −
     old_logps_i)`` without the ``(1 + 1/β)`` prefactor. With ``old_logps == logps`` and γ = 1
     its gradient equals the default's; the two differ only when a batch is reused.
+
+    ``reward_bound`` **(choice)** bounds ``s_i`` in value (:func:`bounded`) so that the
+    conjugate terms stay finite when the policy has drifted far from the reference.
     """
     _check_beta(beta)
+    _check_bound(reward_bound)
     div = _resolve(divergence)
     _check_choice(weights, WEIGHT_SCHEMES, "weights")
     _check_flat("logps", logps)
@@ -150,6 +175,7 @@ def f_grpo_loss(
         prefactor = 1.0
 
     aligned = advantages > 0
+    score = bounded(score, reward_bound)
     critic = div.link(score)
     conj = div.conjugate_of_link(score)
 
@@ -193,6 +219,7 @@ def fdo_loss(
     *,
     divergence: Divergence | str,
     beta: float = 0.1,
+    reward_bound: float | None = DEFAULT_REWARD_BOUND,
 ) -> LossOutput:
     """Offline FDO loss (spec §3): ``−E_{D⁺}[g(r_θ)] + E_{D⁻}[f*(g(r_θ))]``.
 
@@ -210,8 +237,9 @@ def fdo_loss(
             f"fdo_loss needs at least one chosen and one rejected sample, got "
             f"{chosen_logps.numel()} chosen and {rejected_logps.numel()} rejected"
         )
-    chosen_reward = beta * (chosen_logps - chosen_ref_logps)
-    rejected_reward = beta * (rejected_logps - rejected_ref_logps)
+    _check_bound(reward_bound)
+    chosen_reward = bounded(beta * (chosen_logps - chosen_ref_logps), reward_bound)
+    rejected_reward = bounded(beta * (rejected_logps - rejected_ref_logps), reward_bound)
     loss = -div.link(chosen_reward).mean() + div.conjugate_of_link(rejected_reward).mean()
     return LossOutput(
         loss=loss,
@@ -239,6 +267,7 @@ def f_hal_loss(
     weights: str = "uniform",
     old_logps: Tensor | None = None,
     rewards: Tensor | None = None,
+    reward_bound: float | None = DEFAULT_REWARD_BOUND,
 ) -> LossOutput:
     """Hybrid f-HAL loss (spec §5): ``λ·L_FDO + (1 − λ)·L_f-GRPO`` with one f, g and β.
 
@@ -262,6 +291,7 @@ def f_hal_loss(
             weights=weights,
             old_logps=old_logps,
             rewards=rewards,
+            reward_bound=reward_bound,
         )
         parts.append((1.0 - lam, "online", online))
     if lam > 0.0:
@@ -270,7 +300,7 @@ def f_hal_loss(
             raise ValueError(
                 "f_hal_loss with lam > 0 needs chosen/rejected policy and reference log-probs"
             )
-        offline = fdo_loss(*offline_inputs, divergence=div, beta=beta)
+        offline = fdo_loss(*offline_inputs, divergence=div, beta=beta, reward_bound=reward_bound)
         parts.append((lam, "offline", offline))
     if len(parts) == 1:
         return parts[0][2]
@@ -319,7 +349,8 @@ def grpo_loss(
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
 
     mask = mask.to(logps.dtype)
-    log_ratio = logps - old_logps.detach()
+    # Clamped in value, gradient straight through: a far-off token cannot overflow exp.
+    log_ratio = bounded(logps - old_logps.detach(), MAX_TOKEN_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().unsqueeze(1)
     unclipped = ratio * adv
@@ -327,7 +358,7 @@ def grpo_loss(
     per_token = -torch.minimum(unclipped, clipped)
     kl = None
     if ref_logps is not None:
-        delta = ref_logps.detach() - logps
+        delta = bounded(ref_logps.detach() - logps, MAX_TOKEN_LOG_RATIO)
         kl = torch.exp(delta) - delta - 1.0
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
@@ -367,6 +398,7 @@ def dpo_loss(
     )
     if chosen_logps.numel() == 0:
         raise ValueError("dpo_loss needs at least one chosen/rejected pair")
+    # log σ is stable at any margin: no bound needed.
     chosen_reward = beta * (chosen_logps - chosen_ref_logps)
     rejected_reward = beta * (rejected_logps - rejected_ref_logps)
     margin = chosen_reward - rejected_reward
@@ -396,9 +428,11 @@ class LossConfig:
     epsilon: float = 0.2
     kl_coef: float = 0.0
     aggregation: str = "grpo"
+    reward_bound: float | None = DEFAULT_REWARD_BOUND
 
     def __post_init__(self) -> None:
         LOSSES.check(self.name, "loss")
+        _check_bound(self.reward_bound)
         DIVERGENCES.check(self.divergence, "divergence")
         _check_beta(self.beta)
         _check_lam(self.lam)
@@ -490,6 +524,7 @@ def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
         prefs.rejected_ref_logps,
         divergence=config.divergence,
         beta=config.beta,
+        reward_bound=config.reward_bound,
     )
 
 
@@ -513,6 +548,7 @@ def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
         weights=config.weights,
         old_logps=inputs.sequence(inputs.old_logps),
         rewards=inputs.rewards,
+        reward_bound=config.reward_bound,
     )
 
 
