@@ -11,15 +11,24 @@ every ``params:`` input. This hook adds what it does not do:
 * tags: the pipelines run, the git commit, and the training loss, divergence, λ and seed.
 
 Everything is skipped when no MLflow run is active (tracking switched off in mlflow.yml).
+
+``MlflowAvailabilityHook`` runs first: when the tracking store cannot be reached, the run goes
+on untracked (a warning says so) instead of failing, so its outputs still reach the catalog.
+A logging call that fails later in the run is a warning too, never a lost output.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +36,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import pipelines
 from kedro.io import AbstractVersionedDataset
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
@@ -151,6 +161,81 @@ def log_completion_tables(completions: pd.DataFrame, directory: str) -> int:
     return len(steps)
 
 
+# Switched on for the probe only: MLflow retries an unreachable server for minutes by default.
+_PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def store_problem(uri: str) -> str | None:
+    """Why the tracking store at ``uri`` cannot be used, or None when it answers."""
+    saved = {k: os.environ.get(k) for k in _PROBE_ENV}
+    os.environ.update(_PROBE_ENV)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return None
+    except Exception as err:  # any store error: the point is not to fail the run on it
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class UnavailableTrackingWarning(UserWarning):
+    """The MLflow tracking store did not answer: the run goes on untracked."""
+
+
+class MlflowAvailabilityHook:
+    """Before kedro-mlflow sets up tracking, check that the store answers; if it does not,
+    run untracked with a warning: every pipeline's tracking is switched off and kedro-mlflow
+    is pointed at a throwaway local store, so the catalog outputs are still written."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        loader = context.config_loader
+        if "mlflow" not in loader.config_patterns:
+            loader.config_patterns.update({"mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"]})
+        try:
+            conf = dict(loader["mlflow"])
+        except Exception:  # no mlflow.yml: kedro-mlflow's defaults, nothing to probe here
+            return
+        server = dict(conf.get("server") or {})
+        uri = server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri or "://" not in str(uri):
+            return  # a plain path: kedro-mlflow makes it a local file store under the project
+        problem = store_problem(str(uri))
+        if problem is None:
+            return
+        # A warning (shown by Kedro as a log line) rather than a log record: it also reaches
+        # whoever drives the session from Python.
+        warnings.warn(
+            f"MLflow tracking store {uri} is unavailable ({problem}): this run is NOT "
+            "tracked; its outputs are still saved to the catalog. Fix mlflow.yml's "
+            "mlflow_tracking_uri or start the server, then rerun to track.",
+            UnavailableTrackingWarning,
+            stacklevel=2,
+        )
+        fallback = Path(tempfile.mkdtemp(prefix="fgrpo-untracked-")) / "mlflow.db"
+        atexit.register(shutil.rmtree, fallback.parent, ignore_errors=True)
+        tracking = dict(conf.get("tracking") or {})
+        disable = dict(tracking.get("disable_tracking") or {})
+        disable["pipelines"] = sorted(pipelines.keys() | {"__default__"})
+        tracking["disable_tracking"] = disable
+        server.update(mlflow_tracking_uri=f"sqlite:///{fallback}", mlflow_registry_uri=None)
+        loader["mlflow"] = {**conf, "server": server, "tracking": tracking}
+
+
+def _warn_on_failure(action):
+    """Run a logging ``action``; a failing store costs a warning, not the run."""
+    try:
+        action()
+    except Exception as err:
+        logger.warning(
+            "MLflow logging failed (%s: %s); the catalog output is saved", type(err).__name__, err
+        )
+
+
 class MlflowArtifactHook:
     """Logs saved datasets, per-step metrics, completions tables and run tags to MLflow."""
 
@@ -193,12 +278,16 @@ class MlflowArtifactHook:
         path = local_path(self._catalog.get(dataset_name))
         if path is None:
             return  # in memory, or on a remote store that MLflow can point at instead
+        _warn_on_failure(lambda: self._log_dataset(dataset_name, data, path, run.info.run_id))
+
+    @staticmethod
+    def _log_dataset(dataset_name: str, data: Any, path: Path, run_id: str) -> None:
         destination = artifact_dir(dataset_name, path)
         if path.is_dir():
             mlflow.log_artifacts(str(path), artifact_path=destination)
         else:
             mlflow.log_artifact(str(path), artifact_path=destination)
         if dataset_name in METRICS_DATASETS and isinstance(data, pd.DataFrame) and len(data):
-            log_step_metrics(data, run_id=run.info.run_id)
+            log_step_metrics(data, run_id=run_id)
         if dataset_name in COMPLETIONS_DATASETS and isinstance(data, pd.DataFrame):
             log_completion_tables(data, destination)

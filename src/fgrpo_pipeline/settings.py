@@ -1,9 +1,9 @@
 """Kedro settings: hooks and configuration loading."""
 
 from fgrpo_pipeline.hooks import ParameterValidationHook
-from fgrpo_pipeline.mlflow_tracking import MlflowArtifactHook
+from fgrpo_pipeline.mlflow_tracking import MlflowArtifactHook, MlflowAvailabilityHook
 
-HOOKS = (ParameterValidationHook(), MlflowArtifactHook())
+HOOKS = (MlflowAvailabilityHook(), ParameterValidationHook(), MlflowArtifactHook())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
