@@ -152,7 +152,7 @@ def load_gsm8k(
     return pd.DataFrame(rows, columns=[*PROMPT_COLUMNS, "solution"], dtype=object)
 
 
-def validate_prompts(df: pd.DataFrame, source: str) -> None:
+def validate_prompts(df: pd.DataFrame, source: str, splits: tuple[str, ...] = SPLITS) -> None:
     """Raise a ``ValueError`` naming ``source``, column and row if ``df`` is not a prompts table.
 
     Checks: all ``PROMPT_COLUMNS`` present and string-valued, non-blank prompts, unique ids,
@@ -175,7 +175,7 @@ def validate_prompts(df: pd.DataFrame, source: str) -> None:
         row = duplicated.idxmax()
         raise ValueError(f"{source}: column 'id', row {row!r}: duplicate id {df['id'][row]!r}")
     for row, value in df["split"].items():
-        if value not in SPLITS:
+        if value not in splits:
             raise ValueError(
-                f"{source}: column 'split', row {row!r}: {value!r} is not one of {SPLITS}"
+                f"{source}: column 'split', row {row!r}: {value!r} is not one of {splits}"
             )

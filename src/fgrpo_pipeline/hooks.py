@@ -1,4 +1,5 @@
-"""Project hooks: validate every parameter file before any node runs."""
+"""Project hooks: validate every parameter file, and every table a run reads from disk,
+before any node runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import logging
 
 from kedro.framework.hooks import hook_impl
 
+from fgrpo_pipeline.data_sources import validate_prompts
+from fgrpo_pipeline.input_checks import (
+    validate_pairs,
+    validate_rollouts,
+    validate_safety_prompts,
+    validate_sides,
+)
 from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
 from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
 from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
@@ -19,8 +27,24 @@ from fgrpo_pipeline.pipelines.safety_data.nodes import check_params as check_saf
 from fgrpo_pipeline.pipelines.safety_training.nodes import check_evaluation_params
 from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_safety_training
 from fgrpo_pipeline.pipelines.training.nodes import check_params as check_training
+from fgrpo_pipeline.safety_data import validate_records
 
 logger = logging.getLogger(__name__)
+
+# Tables a run may read from disk (written by an earlier run, or replaced by a user), checked
+# before the first node: dataset name -> check(table, source).
+INPUT_CHECKS = {
+    "prompts": validate_prompts,
+    "rollouts": validate_rollouts,
+    "aligned": validate_sides,
+    "unaligned": validate_sides,
+    "safety_records": validate_records,
+    "safety_prompts": validate_safety_prompts,
+    "safety_aligned": validate_sides,
+    "safety_unaligned": validate_sides,
+    "reward_pairs_train": validate_pairs,
+    "reward_pairs_test": validate_pairs,
+}
 
 CHECKS = {
     "data_preparation": check_data,
@@ -55,3 +79,28 @@ class ParameterValidationHook:
                 raise ValueError(f"parameters_{key}.yml: the '{key}' block is missing")
             CHECKS[key](params[key])
         logger.info("parameters checked: %s", ", ".join(sorted(needed & CHECKS.keys())))
+        check_inputs(pipeline, catalog)
+
+
+def _writers(dataset: str) -> list[str]:
+    from kedro.framework.project import pipelines
+
+    return sorted(
+        name
+        for name, pipe in pipelines.items()
+        if name != "__default__" and dataset in pipe.all_outputs()
+    )
+
+
+def check_inputs(pipeline, catalog) -> None:
+    """Load and check each table the run reads but does not write, naming its file."""
+    for name in sorted(pipeline.inputs() & INPUT_CHECKS.keys()):
+        dataset = catalog.get(name)
+        where = getattr(dataset, "_filepath", None)
+        source = f"{name} ({where})" if where else name
+        if not catalog.exists(name):
+            raise ValueError(
+                f"{source}: no saved data; run a pipeline that writes it first "
+                f"({', '.join(_writers(name)) or 'none registered'})"
+            )
+        INPUT_CHECKS[name](catalog.load(name), source)

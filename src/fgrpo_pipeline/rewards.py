@@ -168,12 +168,12 @@ def combine_rewards(weights: dict[str, float]) -> RewardFn:
             or not math.isfinite(weight)
         ):
             raise ValueError(f"weights[{name!r}] must be a finite number, got {weight!r}")
-    terms = [(REWARDS.get(name), float(weight)) for name, weight in weights.items()]
+    terms = [(name, REWARDS.get(name), float(weight)) for name, weight in weights.items()]
 
     def combined(prompts: list[str], completions: list[str], **columns) -> list[float]:
         totals = [0.0] * len(completions)
-        for fn, weight in terms:
-            scores = score_completions(fn, prompts, completions, **columns)
+        for name, fn, weight in terms:
+            scores = score_completions(fn, prompts, completions, name=name, **columns)
             totals = [total + weight * score for total, score in zip(totals, scores, strict=True)]
         return totals
 
@@ -182,10 +182,16 @@ def combine_rewards(weights: dict[str, float]) -> RewardFn:
 
 
 def score_completions(
-    fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], **columns
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    name: str | None = None,
+    **columns,
 ) -> list[float]:
-    """``fn``'s rewards, checked to be exactly one finite number per completion."""
-    name = getattr(fn, "__name__", repr(fn))
+    """``fn``'s rewards, checked to be exactly one finite number per completion; errors name
+    the reward as ``name`` (its registry name), else its ``__name__``."""
+    name = name or getattr(fn, "__name__", repr(fn))
     returned = fn(list(prompts), list(completions), **columns)
     try:
         scores = list(returned)

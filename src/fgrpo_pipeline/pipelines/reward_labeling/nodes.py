@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 
 from fgrpo_pipeline.advantages import ADVANTAGE_SCALES
+from fgrpo_pipeline.input_checks import validate_rollouts
 from fgrpo_pipeline.labeling import (
-    ROLLOUT_COLUMNS,
     label_table,
     score_rollouts,
     split_sides,
@@ -30,24 +30,12 @@ def check_params(params: dict[str, Any]) -> None:
         )
 
 
-def _group_size(rollouts: pd.DataFrame) -> int:
-    missing = [c for c in ROLLOUT_COLUMNS if c not in rollouts.columns]
-    if missing:
-        raise ValueError(f"rollouts table is missing column(s) {missing}")
-    sizes = rollouts.groupby("group").size()
-    if sizes.nunique() != 1:
-        raise ValueError(f"rollouts table has groups of unequal size: {sorted(set(sizes))}")
-    if not rollouts["group"].is_monotonic_increasing:
-        raise ValueError("rollouts table must list each group's rows consecutively")
-    return int(sizes.iloc[0])
-
-
 def label_rollouts(
     rollouts: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(labeled rollouts, aligned split a > 0, unaligned split a ≤ 0, per-group summary)."""
     check_params(params)
-    g = _group_size(rollouts)
+    g = validate_rollouts(rollouts, source="rollouts")
     scored = score_rollouts(
         rollouts["completion"].tolist(),
         rollouts["prompt"].tolist(),
