@@ -81,6 +81,11 @@ def check_methods_and_seeds(methods: Sequence[str], seeds: Sequence[int]) -> Non
         method_loss(method)
     if len(set(methods)) != len(methods):
         raise ValueError(f"methods has duplicates: {list(methods)}")
+    check_seeds(seeds)
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """A non-empty list of distinct integer seeds."""
     if isinstance(seeds, str) or not isinstance(seeds, Sequence) or not seeds:
         raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
     for seed in seeds:

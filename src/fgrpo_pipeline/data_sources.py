@@ -88,6 +88,26 @@ def make_arithmetic_prompts(
     return pd.DataFrame(rows, columns=list(PROMPT_COLUMNS), dtype=object)
 
 
+def read_jsonl_objects(path: Path):
+    """Yield ``(line_number, where, object)`` for the non-blank lines of a jsonl file."""
+    seen_any = False
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            seen_any = True
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: invalid JSON ({error})") from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, where, record
+    if not seen_any:
+        raise ValueError(f"{path}: no records (the file is empty or blank)")
+
+
 def load_gsm8k(
     path: str | Path,
     *,
@@ -112,41 +132,30 @@ def load_gsm8k(
             f"prompt_template must only use the field {{question}}: {prompt_template!r} ({error})"
         ) from error
 
-    path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in ("question", "answer"):
-                if key not in record:
-                    raise ValueError(f"{where}: missing field {key!r}")
-            question, answer = record["question"], record["answer"]
-            if not isinstance(question, str) or not question.strip():
-                raise ValueError(f"{where}: 'question' must be a non-empty string")
-            if not isinstance(answer, str):
-                raise ValueError(f"{where}: 'answer' must be a string")
-            lines = answer.strip().splitlines()
-            final = _GSM8K_FINAL.fullmatch(lines[-1].strip()) if lines else None
-            if final is None:
-                raise ValueError(f"{where}: 'answer' does not end with a '#### <number>' line")
-            number = len(rows)
-            rows.append(
-                {
-                    "id": f"gsm8k-{split}-{number:05d}",
-                    "prompt": prompt_template.format(question=question),
-                    "ground_truth": final.group(1).replace(",", ""),
-                    "split": split,
-                    "solution": answer,
-                }
-            )
+    for _, where, record in read_jsonl_objects(Path(path)):
+        for key in ("question", "answer"):
+            if key not in record:
+                raise ValueError(f"{where}: missing field {key!r}")
+        question, answer = record["question"], record["answer"]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string")
+        if not isinstance(answer, str):
+            raise ValueError(f"{where}: 'answer' must be a string")
+        lines = answer.strip().splitlines()
+        final = _GSM8K_FINAL.fullmatch(lines[-1].strip()) if lines else None
+        if final is None:
+            raise ValueError(f"{where}: 'answer' does not end with a '#### <number>' line")
+        number = len(rows)
+        rows.append(
+            {
+                "id": f"gsm8k-{split}-{number:05d}",
+                "prompt": prompt_template.format(question=question),
+                "ground_truth": final.group(1).replace(",", ""),
+                "split": split,
+                "solution": answer,
+            }
+        )
     if limit is not None:
         rows = rows[:limit]
     return pd.DataFrame(rows, columns=[*PROMPT_COLUMNS, "solution"], dtype=object)

@@ -22,10 +22,10 @@ from tqdm import tqdm
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
     Qwen2ForSequenceClassification,
 )
 
+from fgrpo_pipeline.modeling import tiny_qwen2_config
 from fgrpo_pipeline.warmup import index_batches
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -55,18 +55,15 @@ def build_reward_model(
     Deterministic for ``seed``; the caller's RNG stream is left untouched. ``pad_token_id`` is
     set in the config: the head finds the last non-pad token with it.
     """
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = tiny_qwen2_config(
+        tokenizer,
         hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

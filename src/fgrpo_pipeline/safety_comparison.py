@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fgrpo_pipeline.comparison import check_seeds
 from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.latent import bhattacharyya_distance, last_prompt_hidden_states
 from fgrpo_pipeline.modeling import Policy
@@ -78,13 +79,7 @@ def check_lams_and_seeds(lams: Sequence[float], seeds: Sequence[int]) -> None:
             raise ValueError(f"every λ in lams must be a number in [0, 1], got {lam!r}")
     if len(set(lams)) != len(lams):
         raise ValueError(f"lams has duplicates: {list(lams)}")
-    if isinstance(seeds, str) or not isinstance(seeds, Sequence) or not seeds:
-        raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
-    for seed in seeds:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seeds must be integers, got {seed!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds has duplicates: {list(seeds)}")
+    check_seeds(seeds)
 
 
 def run_params(training_params: Mapping[str, Any], lam: float, seed: int) -> dict[str, Any]:

@@ -11,7 +11,6 @@ Plain Python/pandas (no Kedro, no MLflow).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from fgrpo_pipeline.data_sources import read_jsonl_objects
 
 HARMFUL = "harmful"
 BENIGN = "benign"
@@ -132,26 +133,6 @@ def _check_record(record: Mapping, where: str) -> None:
                 raise ValueError(f"{where}: field {field!r}, item {item}: empty response")
 
 
-def _read_jsonl_objects(path: Path):
-    """Yield ``(line_number, where, object)`` for the non-blank lines of a jsonl file."""
-    seen_any = False
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            seen_any = True
-            where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield line_number, where, record
-    if not seen_any:
-        raise ValueError(f"{path}: no records (the file is empty or blank)")
-
-
 def load_compliance_refusal(path: str | Path) -> pd.DataFrame:
     """Read a compliance–refusal jsonl file into a records table (``RECORD_COLUMNS``).
 
@@ -161,7 +142,7 @@ def load_compliance_refusal(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     rows = []
     first_line_of: dict[str, int] = {}
-    for line_number, where, record in _read_jsonl_objects(path):
+    for line_number, where, record in read_jsonl_objects(path):
         _check_record(record, where)
         prompt = record["prompt"]
         if prompt in first_line_of:
@@ -182,7 +163,7 @@ def load_preference_pairs(path: str | Path) -> pd.DataFrame:
     """
     path = Path(path)
     rows = []
-    for _, where, record in _read_jsonl_objects(path):
+    for _, where, record in read_jsonl_objects(path):
         missing = [field for field in PAIR_COLUMNS if field not in record]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}; expected {list(PAIR_COLUMNS)}")

@@ -39,27 +39,42 @@ TIMES = ("train_time", "eval_time", "wall_time")
 SUMMARY = ("relative_overall", "avg_rank", "accuracy_mean", "greedy_accuracy_mean")
 
 
+def check_sweep_options(
+    params: Mapping[str, Any],
+    *,
+    block: str,
+    keys: tuple[str, ...],
+    swept: tuple[str, ...],
+    swept_by: str,
+) -> None:
+    """What every sweep's block shares: known keys, training_overrides that leave the swept
+    keys alone, num_threads and progress."""
+    unknown = sorted(set(params) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown {block} key(s) {unknown}; valid: {', '.join(keys)}")
+    overrides = params.get("training_overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(f"training_overrides must be a mapping, got {overrides!r}")
+    if clash := sorted(set(overrides) & set(swept)):
+        raise ValueError(f"training_overrides may not set {clash}: {swept_by}")
+    threads = params.get("num_threads", 0)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ValueError(f"num_threads must be an integer ≥ 0, got {threads!r}")
+    if not isinstance(params.get("progress", True), bool):
+        raise ValueError(f"progress must be true or false, got {params['progress']!r}")
+
+
 def check_params(params: Mapping[str, Any]) -> None:
     """The ``comparison`` block on its own: keys, methods, seeds, overrides, threads."""
     try:
-        unknown = sorted(set(params) - set(KEYS))
-        if unknown:
-            raise ValueError(f"unknown comparison key(s) {unknown}; valid: {', '.join(KEYS)}")
+        check_sweep_options(
+            params,
+            block="comparison",
+            keys=KEYS,
+            swept=SWEPT_KEYS,
+            swept_by="the sweep sets loss and divergence from `methods` and the seed from `seeds`",
+        )
         check_methods_and_seeds(params.get("methods"), params.get("seeds"))
-        overrides = params.get("training_overrides") or {}
-        if not isinstance(overrides, Mapping):
-            raise ValueError(f"training_overrides must be a mapping, got {overrides!r}")
-        swept = sorted(set(overrides) & set(SWEPT_KEYS))
-        if swept:
-            raise ValueError(
-                f"training_overrides may not set {swept}: the sweep sets loss and divergence "
-                "from `methods` and the seed from `seeds`"
-            )
-        threads = params.get("num_threads", 0)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise ValueError(f"num_threads must be an integer ≥ 0, got {threads!r}")
-        if not isinstance(params.get("progress", True), bool):
-            raise ValueError(f"progress must be true or false, got {params['progress']!r}")
     except ValueError as err:
         raise ValueError(f"{FILE}: {err} (methods: {', '.join(method_names())})") from err
 

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from fgrpo_pipeline.modeling import build_char_tokenizer, set_seed
+from fgrpo_pipeline.pipelines.base_policy.nodes import MODEL_KEYS
 from fgrpo_pipeline.reward_model import (
     RewardModel,
     build_reward_model,
@@ -22,14 +23,6 @@ from fgrpo_pipeline.safety_data import BENIGN, HARMFUL, SAFETY_LABELS
 
 FILE = "parameters_reward_model.yml"
 KEYS = ("seed", "num_threads", "progress", "model", "training")
-MODEL_KEYS = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-)
 TRAINING_KEYS = ("steps", "batch_size", "learning_rate", "weight_decay")
 
 

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from fgrpo_pipeline.latent import latent_projection
 from fgrpo_pipeline.mlflow_tracking import ChildRuns
 from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.pipelines.comparison.nodes import check_sweep_options
 from fgrpo_pipeline.pipelines.safety_training.nodes import (
     JUDGE_KEY,
     MONITOR_KEY,
@@ -53,26 +54,14 @@ CURVE_PANELS = (
 def check_params(params: Mapping[str, Any]) -> None:
     """The ``safety_comparison`` block on its own: keys, λ, seeds, overrides, threads."""
     try:
-        unknown = sorted(set(params) - set(KEYS))
-        if unknown:
-            raise ValueError(
-                f"unknown safety_comparison key(s) {unknown}; valid: {', '.join(KEYS)}"
-            )
+        check_sweep_options(
+            params,
+            block="safety_comparison",
+            keys=KEYS,
+            swept=SWEPT_KEYS,
+            swept_by="the sweep sets the loss (f_hal), λ from `lams` and the seed from `seeds`",
+        )
         check_lams_and_seeds(params.get("lams"), params.get("seeds"))
-        overrides = params.get("training_overrides") or {}
-        if not isinstance(overrides, Mapping):
-            raise ValueError(f"training_overrides must be a mapping, got {overrides!r}")
-        swept = sorted(set(overrides) & set(SWEPT_KEYS))
-        if swept:
-            raise ValueError(
-                f"training_overrides may not set {swept}: the sweep sets the loss (f_hal), "
-                "λ from `lams` and the seed from `seeds`"
-            )
-        threads = params.get("num_threads", 0)
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-            raise ValueError(f"num_threads must be an integer ≥ 0, got {threads!r}")
-        if not isinstance(params.get("progress", True), bool):
-            raise ValueError(f"progress must be true or false, got {params['progress']!r}")
     except ValueError as err:
         raise ValueError(f"{FILE}: {err}") from err
 
