@@ -6,15 +6,23 @@ generation itself; the reference π_ref is a frozen copy of the starting policy.
 
 With a ``resume_dir``, the whole training state is written there every ``checkpoint_every``
 steps and a rerun continues from the latest one, ending as the uninterrupted run would.
+
+Launched in several processes (``accelerate launch --multi_gpu --num_processes N``, or
+torchrun; see :mod:`fgrpo_pipeline.distributed` and :mod:`fgrpo_pipeline.launch`) the loop runs
+data-parallel: each rank samples whole groups for its share of the step's prompts, gradients
+are averaged by DDP and the metrics are computed from all ranks' values. One process runs the
+loop exactly as before, without accelerate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,14 @@ from tqdm.auto import tqdm
 
 from fgrpo_pipeline import resume
 from fgrpo_pipeline.advantages import ADVANTAGE_SCALES, frac_reward_zero_std
+from fgrpo_pipeline.distributed import (
+    MIXED_PRECISIONS,
+    check_launch,
+    disable_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    make_runtime,
+    strip_autocast,
+)
 from fgrpo_pipeline.labeling import score_rollouts, side_labels
 from fgrpo_pipeline.lora import LoraSettings, apply_lora, make_reference, trainable_parameters
 from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
@@ -63,6 +79,8 @@ class TrainerConfig:
     checkpoint_every: int = 0
     log_completions_every: int = 0
     num_threads: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -89,6 +107,18 @@ class TrainerConfig:
             "micro_batch_size",
         ):
             _require(getattr(self, name) >= 0, name, "must be ≥ 0")
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
+        _require(
+            self.mixed_precision in MIXED_PRECISIONS,
+            "mixed_precision",
+            f"must be one of {', '.join(MIXED_PRECISIONS)}",
+        )
+        _require(
+            isinstance(self.gradient_checkpointing, bool),
+            "gradient_checkpointing",
+            "must be true or false",
+        )
         _require(
             self.advantage_scale in ADVANTAGE_SCALES,
             "advantage_scale",
@@ -266,21 +296,33 @@ def _offline_minibatch(
 
 
 def backward_in_micro_batches(
-    model, batch, logps_grad: torch.Tensor, micro_batch_size: int, temperature: float
+    model,
+    batch,
+    logps_grad: torch.Tensor,
+    micro_batch_size: int,
+    temperature: float,
+    *,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> None:
     """Accumulate into ``model``'s gradients ``∂L/∂θ = Σ ∂L/∂logps · ∂logps/∂θ``, given
     ``logps_grad`` = ∂L/∂logps [N, T] of a rollout batch, one micro-batch of sequences at a
-    time: only one micro-batch's activations are alive at once."""
-    for chunk in micro_batches(len(batch), micro_batch_size):
-        part = token_logprobs(
-            model,
-            batch.prompt_ids[chunk],
-            batch.prompt_mask[chunk],
-            batch.completion_ids[chunk],
-            batch.completion_mask[chunk],
-            temperature,
-        )
-        part.backward(logps_grad[chunk])
+    time: only one micro-batch's activations are alive at once.
+
+    ``no_sync`` (a DDP model's ``no_sync``): every micro-batch but the last runs under it, so
+    the gradients are all-reduced once, after the last one."""
+    chunks = micro_batches(len(batch), micro_batch_size)
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            part = token_logprobs(
+                model,
+                batch.prompt_ids[chunk],
+                batch.prompt_mask[chunk],
+                batch.completion_ids[chunk],
+                batch.completion_mask[chunk],
+                temperature,
+            )
+            part.backward(logps_grad[chunk])
 
 
 def _uses_offline_data(loss: LossConfig) -> bool:
@@ -288,8 +330,53 @@ def _uses_offline_data(loss: LossConfig) -> bool:
     return loss.name in ("fdo", "dpo") or (loss.name == "f_hal" and loss.lam > 0)
 
 
-def _snapshot(policy: Policy) -> Policy:
-    return Policy(model=copy.deepcopy(policy.model).eval(), tokenizer=policy.tokenizer)
+def _snapshot(
+    policy: Policy, *, mixed_precision: str = "no", checkpointing: bool = False
+) -> Policy:
+    """A frozen copy of the policy as a plain model: without accelerate's autocast forward or
+    the activation checkpointing the trainer switched on (the copy would carry both)."""
+    model = copy.deepcopy(policy.model).eval()
+    if mixed_precision != "no":
+        strip_autocast(model)
+    if checkpointing:
+        disable_gradient_checkpointing(model)
+    return Policy(model=model, tokenizer=policy.tokenizer)
+
+
+def _rank_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNGs' seed of a rank's step (several processes): a rank's draws do not
+    depend on its history, so a resumed run (which restores rank 0's RNG states on every
+    rank) draws what the uninterrupted one did."""
+    return (seed * 100_003 + step) * 1_009 + rank + 1
+
+
+def _combine_reports(
+    reports: list[tuple[dict[str, float], tuple[float, ...]]],
+) -> tuple[dict[str, float], tuple[float, ...]]:
+    """Per-rank (scalars, times) as one: each scalar's mean over the ranks reporting it (a
+    loss's metrics may differ in keys between ranks), each time's maximum."""
+    if len(reports) == 1:
+        return reports[0]
+    keys = list(dict.fromkeys(key for scalars, _ in reports for key in scalars))
+    scalars = {}
+    for key in keys:
+        values = [float(s[key]) for s, _ in reports if key in s]
+        scalars[key] = sum(values) / len(values)
+    times = tuple(max(column) for column in zip(*(t for _, t in reports), strict=True))
+    return scalars, times
+
+
+def _fingerprint_config(fingerprint: dict[str, Any], num_processes: int) -> None:
+    """The resume fingerprint's config: ``gradient_checkpointing`` changes memory, not what a
+    step computes, so a run may resume with another value; ``mixed_precision`` at its default
+    is left out, as are a single process's ``num_processes``, so states written before these
+    existed still resume; a state of N processes resumes only with N."""
+    run = fingerprint["config"]
+    run.pop("gradient_checkpointing", None)
+    if run.get("mixed_precision") == "no":
+        run.pop("mixed_precision")
+    if num_processes > 1:
+        run["num_processes"] = num_processes
 
 
 def train(
@@ -319,11 +406,23 @@ def train(
     continues after its step, and ends with the weights and metrics (all but the ``time_*``
     and ``tokens_per_second`` columns) of the uninterrupted run with the same seed. It must be
     given the same starting policy (still the reference), prompts, preferences, reward
-    functions and config (``steps``, ``checkpoint_every`` and ``num_threads`` may change), or
-    a ValueError names the difference. A monitor's state is saved and restored only if it has
-    ``state_dict()`` / ``load_state_dict(state)`` (state of tensors and plain containers);
-    others restart empty, with a warning. ``checkpoints`` then holds the snapshots from the
-    resumed step on; ``on_step`` is called for the steps run, not the restored ones.
+    functions and config (``steps``, ``checkpoint_every``, ``num_threads`` and
+    ``gradient_checkpointing`` may change), or a ValueError names the difference. A monitor's
+    state is saved and restored only if it has ``state_dict()`` / ``load_state_dict(state)``
+    (state of tensors and plain containers); others restart empty, with a warning.
+    ``checkpoints`` then holds the snapshots from the resumed step on; ``on_step`` is called
+    for the steps run, not the restored ones.
+
+    Several processes (launched by ``accelerate launch`` or torchrun; every rank calls
+    ``train`` with the same arguments): ``prompts_per_step`` must divide by their number
+    (checked first). Each rank generates the groups of its share of the prompts, with its own
+    sampling seed; the model is wrapped in DDP through ``accelerate.prepare``. Every rank
+    returns the same trained weights and the same metrics, computed from all ranks' rollouts
+    (the ``groups`` column counts the step's groups over all ranks) and holds the completion
+    tables of all ranks. ``on_step``, the progress bar, ``checkpoints`` and the writing of
+    resume states happen on the main process (rank 0) only; the others return no
+    checkpoints. Monitors run on every rank (they see the same rows). A resume state is
+    loaded by every rank and resumes only with the same number of processes.
     """
     if config.loss.name == "f_hal" and config.loss.lam > 0 and preferences is None:
         raise ValueError("loss f_hal with lam > 0 needs preference data (aligned/unaligned)")
@@ -333,12 +432,17 @@ def train(
         raise ValueError(
             "resume_dir needs training parameter 'checkpoint_every' ≥ 1 (how often to save)"
         )
+    n_procs = check_launch(config.prompts_per_step, config.group_size, config.mixed_precision)
     fingerprint: dict[str, Any] = {}
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
         fingerprint = resume.fingerprint(
             config, policy, prompts, preferences, reward_fn, correctness_fn, monitors
         )
+        _fingerprint_config(fingerprint, n_procs)
+    runtime = make_runtime(config.mixed_precision, micro_batches=config.micro_batch_size > 0)
+    rank, main = runtime.process_index, runtime.is_main
+    distributed = runtime.num_processes > 1
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     set_seed(config.seed)
@@ -346,8 +450,11 @@ def train(
     policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer)
     if config.lora is not None:
         policy = apply_lora(policy, LoraSettings.from_params(config.lora))
+    if runtime.device is not None:
+        policy.model.to(runtime.device)
     # LoRA: the same base weights with the adapter off (no second copy); else a frozen copy.
     reference = make_reference(policy)
+    checkpointing = config.gradient_checkpointing and enable_gradient_checkpointing(policy.model)
     model = policy.model.train()
     optimizer = torch.optim.AdamW(
         trainable_parameters(model), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -361,6 +468,8 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     temperature = config.sampling.temperature
     g = config.group_size
+    per_rank = config.prompts_per_step // runtime.num_processes
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
 
     rows: list[dict[str, float]] = []
     checkpoints: dict[int, Policy] = {}
@@ -368,7 +477,9 @@ def train(
     skipped = 0
     resumed_from = 0
     if resume_dir is not None:
-        resume.sweep_staging(resume_dir)
+        if main:
+            resume.sweep_staging(resume_dir)
+        runtime.wait()
         if states := resume.resume_states(resume_dir):
             path = states[-1][1]
             state = resume.load_resume_state(path, fingerprint, model, optimizer, gen, monitors)
@@ -379,25 +490,33 @@ def train(
                 )
             resumed_from, skipped = state.step, state.skipped
             rows, completion_tables = state.rows, state.completion_tables
-            if state.step % config.checkpoint_every == 0:
-                checkpoints[state.step] = _snapshot(policy)
+            if main and state.step % config.checkpoint_every == 0:
+                checkpoints[state.step] = _snapshot(policy, checkpointing=checkpointing)
             logger.info("resuming training from %s (step %d)", path, state.step)
+        runtime.wait()  # every rank has read the state before rank 0 may replace it
+    # Forward passes with grad go through the wrapped (DDP) model; rollouts, the reference
+    # and no-grad passes use the plain one. A single process: the same model.
+    wrapped, optimizer = runtime.prepare(model, optimizer)
+    grad_policy = Policy(model=wrapped, tokenizer=policy.tokenizer)
+    no_sync = runtime.no_sync(wrapped)
     # mininterval: a redirected log gets a line a second, not one per step
     bar = tqdm(
         range(resumed_from + 1, config.steps + 1),
         desc=f"train {config.loss.name}",
-        disable=not progress,
+        disable=not (progress and main),
         mininterval=1.0,
         initial=resumed_from,
         total=config.steps,
     )
     for step in bar:
         t0 = time.perf_counter()
+        if distributed:
+            set_seed(_rank_seed(config.seed, step, rank))
+        # Every rank draws all P prompts (the generator stays in step) and keeps its share.
         pick = torch.randint(len(prompts), (config.prompts_per_step,), generator=gen).tolist()
-        chosen = prompts.iloc[pick]
-        sampling = SamplingConfig(
-            **{**asdict(config.sampling), "seed": config.seed * 100_003 + step}
-        )
+        chosen = prompts.iloc[pick[mine]]
+        sample_seed = (config.seed * 100_003 + step) * runtime.num_processes + rank
+        sampling = SamplingConfig(**{**asdict(config.sampling), "seed": sample_seed})
         batch = engine.generate(policy, chosen["prompt"].tolist(), g, sampling)
         t1 = time.perf_counter()
 
@@ -411,8 +530,10 @@ def train(
             group_size=g,
             advantage_scale=config.advantage_scale,
         )
+        device = batch.completion_mask.device  # a no-op on the CPU
+        rewards, advantages = scored.rewards.to(device), scored.advantages.to(device)
         micro = config.micro_batch_size if 0 < config.micro_batch_size < len(batch) else 0
-        with torch.no_grad():
+        with torch.no_grad(), runtime.autocast():
             ref_logps = batch_logprobs(reference, batch, temperature, micro)
         t2 = time.perf_counter()
 
@@ -424,32 +545,36 @@ def train(
                 logps = batch_logprobs(model, batch, temperature, micro)
             logps.requires_grad_(True)
         else:
-            logps = batch_logprobs(model, batch, temperature)
+            logps = batch_logprobs(wrapped, batch, temperature)
         offline = None
         if preferences is not None and _uses_offline_data(config.loss):
-            offline = _offline_minibatch(
-                preferences, policy, reference, config.offline_batch_size, gen, temperature
-            )
+            with runtime.autocast():
+                offline = _offline_minibatch(
+                    preferences, grad_policy, reference, config.offline_batch_size, gen, temperature
+                )
         inputs = LossInputs(
             logps=logps,
             ref_logps=ref_logps,
             old_logps=batch.old_logps,
             mask=batch.completion_mask,
-            advantages=scored.advantages,
-            rewards=scored.rewards,
+            advantages=advantages,
+            rewards=rewards,
             group_size=g,
             offline=offline,
         )
         out = loss_fn(inputs, config.loss)
         optimizer.zero_grad(set_to_none=True)
-        applied = torch.isfinite(out.loss).item()
+        # all ranks apply a step or none does (a rank alone in backward would hang DDP)
+        applied = runtime.all_true(torch.isfinite(out.loss).item())
         grad_norm = math.nan
         if applied:
-            out.loss.backward()
+            runtime.backward(out.loss)
             if micro and logps.grad is not None:  # None: the loss ignores the rollouts (DPO)
-                backward_in_micro_batches(model, batch, logps.grad, micro, temperature)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            applied = torch.isfinite(grad_norm).item()
+                backward_in_micro_batches(
+                    wrapped, batch, logps.grad, micro, temperature, no_sync=no_sync
+                )
+            grad_norm = runtime.clip_grad_norm_(wrapped, config.max_grad_norm)
+            applied = runtime.all_true(torch.isfinite(grad_norm).item())
             if applied:
                 optimizer.step()
                 if sync_weights is not None:
@@ -459,49 +584,71 @@ def train(
 
         mask = batch.completion_mask
         log_ratio_ref = ((batch.old_logps - ref_logps) * mask).sum(dim=1)
-        generated_tokens = int(mask.sum().item())
+        # every rank's sequences (one process: its own), so the row covers all groups
+        seqs = runtime.gather(
+            {
+                "rewards": scored.rewards,
+                "correct": scored.correct,
+                "lengths": batch.lengths,
+                "truncated": batch.truncated,
+                "log_ratio_ref": log_ratio_ref,
+                "tokens": mask.sum(dim=1),
+            }
+        )
+        # the loss and its metrics: means over the ranks; times: the slowest rank's
+        scalars, times = _combine_reports(
+            runtime.gather_objects(
+                ({"loss": out.loss.item(), **out.metrics}, (t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+            )
+        )
+        generated_tokens = int(seqs["tokens"].sum().item())
         row = {
             "step": step,
-            "reward_mean": scored.rewards.mean().item(),
-            "reward_std": scored.rewards.std().item(),
-            "accuracy": scored.correct.float().mean().item(),
-            "frac_reward_zero_std": frac_reward_zero_std(scored.rewards, g),
-            "loss": out.loss.item(),
-            "kl_to_ref": log_ratio_ref.mean().item(),
-            "completion_length": batch.lengths.float().mean().item(),
-            "frac_truncated": batch.truncated.float().mean().item(),
+            "groups": seqs["rewards"].numel() // g,
+            "reward_mean": seqs["rewards"].mean().item(),
+            "reward_std": seqs["rewards"].std().item(),
+            "accuracy": seqs["correct"].float().mean().item(),
+            "frac_reward_zero_std": frac_reward_zero_std(seqs["rewards"], g),
+            "loss": scalars.pop("loss"),
+            "kl_to_ref": seqs["log_ratio_ref"].mean().item(),
+            "completion_length": seqs["lengths"].float().mean().item(),
+            "frac_truncated": seqs["truncated"].float().mean().item(),
             "grad_norm": float(grad_norm),
             "skipped_steps": skipped,
-            "time_generation": t1 - t0,
-            "time_scoring": t2 - t1,
-            "time_update": t3 - t2,
-            "time_step": t3 - t0,
-            "tokens_per_second": generated_tokens / max(t3 - t0, 1e-9),
+            "time_generation": times[0],
+            "time_scoring": times[1],
+            "time_update": times[2],
+            "time_step": times[3],
+            "tokens_per_second": generated_tokens / max(times[3], 1e-9),
         }
-        row.update(out.metrics)
+        row.update(scalars)
         for monitor in monitors:
             row.update(monitor(row))
         rows.append(row)
-        if on_step is not None:
+        if on_step is not None and main:
             on_step(step, row)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}")
 
         if config.log_completions_every and step % config.log_completions_every == 0:
+            parts = runtime.gather_objects(
+                {
+                    "prompt": batch.prompts,
+                    "completion": batch.completions,
+                    "reward": scored.rewards.tolist(),
+                    "advantage": scored.advantages.tolist(),
+                    "side": side_labels(scored.advantages),
+                    "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
+                }
+            )
             completion_tables.append(
                 pd.DataFrame(
-                    {
-                        "step": step,
-                        "prompt": batch.prompts,
-                        "completion": batch.completions,
-                        "reward": scored.rewards.tolist(),
-                        "advantage": scored.advantages.tolist(),
-                        "side": side_labels(scored.advantages),
-                        "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
-                    }
+                    {"step": step} | {key: sum((p[key] for p in parts), []) for key in parts[0]}
                 )
             )
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            checkpoints[step] = _snapshot(policy)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and main:
+            checkpoints[step] = _snapshot(
+                policy, mixed_precision=runtime.mixed_precision, checkpointing=checkpointing
+            )
             if resume_dir is not None:
                 resume.save_resume_state(
                     resume_dir,
@@ -513,7 +660,10 @@ def train(
                     monitors,
                 )
 
-    model.eval()
+    policy.model = runtime.finish(wrapped)
+    if checkpointing:
+        disable_gradient_checkpointing(policy.model)
+    policy.model.eval()
     completions = (
         pd.concat(completion_tables, ignore_index=True)
         if completion_tables

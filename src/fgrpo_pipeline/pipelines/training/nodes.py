@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from fgrpo_pipeline.distributed import check_launch
 from fgrpo_pipeline.lora import merge_for_export
 from fgrpo_pipeline.modeling import Policy
 from fgrpo_pipeline.trainer import (
@@ -22,9 +23,14 @@ from fgrpo_pipeline.trainer import (
 
 
 def check_params(params: dict[str, Any]) -> TrainerConfig:
+    """The training config; also checked against the processes the run is launched in
+    (``prompts_per_step`` divisible across them, mixed precision), so a multi-process run
+    (``python -m fgrpo_pipeline.launch kedro``) fails before any node runs."""
     try:
         check_run_params(params)
-        return TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
+        config = TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
+        check_launch(config.prompts_per_step, config.group_size, config.mixed_precision)
+        return config
     except (TypeError, ValueError) as err:
         raise ValueError(f"parameters_training.yml: {err}") from err
 

@@ -1,0 +1,366 @@
+"""Several processes for the online loop: ``accelerate launch`` (DDP), the batch sharded.
+
+Plain torch and accelerate (no Kedro, no MLflow); used by :func:`fgrpo_pipeline.trainer.train`.
+
+Layout of a step under N processes (ranks). Every rank draws the same P prompt indices from
+the trainer's seeded generator (so that generator stays in step on all ranks, and the offline
+minibatches of FDO / f-HAL / DPO, drawn from it too, are the same on every rank) and keeps its
+own P/N of them, in rank order. It samples the G completions of each of its prompts, so every
+group lives whole on one rank: rewards and advantages are computed locally and are exactly
+those of a single process. Each rank's loss is its mean over its groups and DDP averages the
+gradients, so with the same number of groups on every rank the update is that of the mean over
+all P groups. (Losses normalised by a count that differs between ranks, GRPO's ``dapo`` and
+``dr_grpo`` aggregations, FDO / DPO built from the rollouts, average per-rank losses instead.)
+Metrics are computed from the values of all ranks, gathered, so every rank holds the same
+metrics row: the per-completion ones (rewards, accuracy, KL to the reference, lengths) exactly
+as one process would from the whole batch; the loss and the loss's own metrics as means over
+the ranks (the loss exactly, for losses that are means over groups); times as the slowest
+rank's.
+
+:func:`check_batch_layout` is the up-front check that P divides across the ranks;
+:func:`check_launch` adds the checks of the launch environment. A :class:`Runtime` is what the
+loop calls for backward passes, clipping, gathering and synchronisation: the single-process
+one makes exactly the calls the loop always made, the :class:`AccelerateRuntime` goes through
+an ``accelerate.Accelerator``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+
+
+def world_size() -> int:
+    """The number of processes of this run: torch.distributed's once it is initialised, else
+    ``WORLD_SIZE`` (set by ``accelerate launch`` and ``torchrun``), else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def check_batch_layout(prompts_per_step: int, group_size: int, world_size: int) -> int:
+    """The prompts (groups) each process holds; a ValueError unless P divides across them.
+
+    A group must live whole on one process: its advantages compare its G completions.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be ≥ 1, got {world_size}")
+    if prompts_per_step % world_size == 0:
+        return prompts_per_step // world_size
+    completions = prompts_per_step * group_size
+    lower = prompts_per_step // world_size * world_size
+    upper = lower + world_size
+    options = f"{lower} or {upper}" if lower else f"{upper}"
+    raise ValueError(
+        f"training parameter 'prompts_per_step'={prompts_per_step} is not divisible by the "
+        f"{world_size} processes: each rank must hold whole groups (P·G = {completions} "
+        f"completions in groups of G={group_size} would be {prompts_per_step / world_size:g} "
+        f"groups, {completions / world_size:g} completions, per rank); use a prompts_per_step "
+        f"that is a multiple of {world_size}, e.g. {options}"
+    )
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_launch(
+    prompts_per_step: int, group_size: int, mixed_precision: str, *, world: int | None = None
+) -> int:
+    """Check a run against the processes it is launched in, before any work; returns N.
+
+    The batch layout (:func:`check_batch_layout`), fp16 (loss scaling, CUDA only), and that
+    ``accelerate launch --mixed_precision`` (or its config file) agrees with the trainer's
+    ``mixed_precision``, which is the one that decides. Warns when ``accelerate launch --cpu
+    --num_processes N`` started one process (accelerate runs several CPU processes only through
+    mpirun; ``--multi_gpu`` on a machine without CUDA runs N gloo processes on the CPU).
+    """
+    world = world_size() if world is None else world
+    check_batch_layout(prompts_per_step, group_size, world)
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(
+            f"training parameter 'mixed_precision' must be one of {', '.join(MIXED_PRECISIONS)}"
+            f", got {mixed_precision!r}"
+        )
+    if mixed_precision == "fp16" and (not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")):
+        raise ValueError(
+            "training parameter 'mixed_precision'='fp16' needs a CUDA GPU (fp16 training scales "
+            "the loss, which only CUDA supports); on the CPU use 'bf16' or 'no'"
+        )
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    deepspeed = _flag("ACCELERATE_USE_DEEPSPEED")  # its own config file decides the precision
+    if launched is not None and not deepspeed and launched.strip().lower() != mixed_precision:
+        raise ValueError(
+            f"accelerate launch was given mixed precision {launched.strip().lower()!r} "
+            f"(--mixed_precision or its config file) but training parameter 'mixed_precision' "
+            f"is {mixed_precision!r}: the training parameter decides, make the two agree"
+        )
+    if (
+        world == 1
+        and _flag("ACCELERATE_USE_CPU")
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
+        warnings.warn(
+            "accelerate launch --cpu --num_processes N started ONE process (accelerate runs "
+            "several CPU processes only through mpirun): training runs in a single process. "
+            "For N processes on the CPU use `accelerate launch --multi_gpu --num_processes N` "
+            "(without CUDA the trainer runs them on the CPU with gloo) or torchrun",
+            stacklevel=2,
+        )
+    return world
+
+
+class Runtime:
+    """One process: the calls the loop always made (plain backward, torch clipping, no
+    gathering). Subclassed by :class:`AccelerateRuntime`."""
+
+    num_processes = 1
+    process_index = 0
+    is_main = True
+    mixed_precision = "no"
+    device: torch.device | None = None  # None: the model stays where it is
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        """(the model to run forward passes with grad through, the optimiser to step)."""
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def no_sync(self, model: nn.Module) -> Callable[[], AbstractContextManager] | None:
+        """A context factory under which backward passes skip the gradient all-reduce."""
+        return None
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def autocast(self) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process (a step is applied everywhere or nowhere)."""
+        return flag
+
+    def gather(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """Per-sequence tensors of all processes, concatenated in rank order."""
+        return tensors
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """``value`` of every process, in rank order."""
+        return [value]
+
+    def wait(self) -> None:
+        """A barrier: every process reaches it before any goes on."""
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        """The plain model once training is done (no wrapper, no autocast)."""
+        return model
+
+
+def destroy_process_group() -> None:
+    """End this process's torch.distributed group, if any: a process group left alive makes
+    gloo abort the interpreter's shutdown (also registered at exit once one is set up)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _unsupported(accelerator) -> str | None:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "FSDP"
+    if kind == DistributedType.DEEPSPEED:
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
+            return "DeepSpeed ZeRO-3"
+    return None
+
+
+class AccelerateRuntime(Runtime):
+    """Several processes (or mixed precision) through an ``accelerate.Accelerator``.
+
+    Without CUDA the accelerator runs on the CPU (gloo), also when launched with
+    ``accelerate launch --multi_gpu``. Rollouts and the reference use the unwrapped model, so
+    every rank needs the full weights: DDP (and DeepSpeed ZeRO-1/2, untested) work; FSDP and
+    ZeRO-3, which shard the weights, are refused.
+    """
+
+    def __init__(self, mixed_precision: str = "no", *, micro_batches: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        expected = world_size()
+        state = AcceleratorState._shared_state
+        if expected == 1 and state and state.get("_mixed_precision") != mixed_precision:
+            # One process trains several times (tests, sweeps) with another precision: the
+            # accelerator's process-wide state would refuse the change.
+            AcceleratorState._reset_state()
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=mixed_precision, cpu=not torch.cuda.is_available()
+        )
+        if accelerator.num_processes != expected:
+            raise RuntimeError(
+                f"WORLD_SIZE says {expected} processes but accelerate set up "
+                f"{accelerator.num_processes} ({accelerator.distributed_type}); launch with "
+                "`accelerate launch --multi_gpu --num_processes N` or torchrun"
+            )
+        if (kind := _unsupported(accelerator)) is not None:
+            raise ValueError(
+                f"{kind} shards the weights across ranks, but rollouts are generated with the "
+                "unwrapped model on every rank (full weights needed): use DDP (accelerate's "
+                "multi-GPU / multi-CPU), or DeepSpeed ZeRO stage 1 or 2"
+            )
+        if micro_batches and accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "training parameter 'micro_batch_size' > 0 with DeepSpeed: DeepSpeed steps the "
+                "optimiser inside its backward, so the trainer's exact micro-batch accumulation "
+                "cannot run; use micro_batch_size: 0 (or DDP)"
+            )
+        self.num_processes = accelerator.num_processes
+        self.process_index = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+        self.mixed_precision = mixed_precision
+        self.device = accelerator.device
+        if self.num_processes > 1 and not _EXIT_HOOK:
+            atexit.register(destroy_process_group)
+            _EXIT_HOOK.append(True)
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self, model: nn.Module) -> Callable[[], AbstractContextManager] | None:
+        if self.num_processes == 1:
+            return None
+        return lambda: self.accelerator.no_sync(model)
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        # DeepSpeed clips inside its step and reports the norm (a float) or nothing
+        return torch.as_tensor(float("nan") if norm is None else norm)
+
+    def autocast(self) -> AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def all_true(self, flag: bool) -> bool:
+        if self.num_processes == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.gather(value).min().item() > 0)
+
+    def gather(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        if self.num_processes == 1:
+            return tensors
+        names = list(tensors)
+        # one collective: the columns side by side (float64 holds every value exactly)
+        stacked = torch.stack(
+            [tensors[name].detach().reshape(-1).to(self.device, torch.float64) for name in names],
+            dim=1,
+        )
+        gathered = self.accelerator.gather(stacked).cpu()
+        return {
+            name: gathered[:, i].to(tensors[name].dtype).contiguous()
+            for i, name in enumerate(names)
+        }
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        if self.num_processes == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def finish(self, model: nn.Module) -> nn.Module:
+        # not unwrap_model(keep_fp32_wrapper=False): it unwraps the forward down to the
+        # undecorated function, dropping transformers' own decorators with the autocast
+        return strip_autocast(self.accelerator.unwrap_model(model))
+
+
+def make_runtime(mixed_precision: str = "no", *, micro_batches: bool = False) -> Runtime:
+    """The single-process runtime when there is one process and no mixed precision (the loop
+    exactly as it always ran, no accelerate involved), else an :class:`AccelerateRuntime`."""
+    if world_size() == 1 and mixed_precision == "no":
+        return Runtime()
+    return AccelerateRuntime(mixed_precision, micro_batches=micro_batches)
+
+
+def strip_autocast(model: nn.Module) -> nn.Module:
+    """Undo, in place, accelerate's mixed-precision patch of ``model.forward`` (prepare sets
+    it on the model; a deep copy of the model carries it); other models are left untouched."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is None:
+        return model
+    if getattr(original, "__func__", None) is type(model).forward:
+        model.__dict__.pop("forward", None)  # the class's forward again
+    else:
+        model.forward = original
+    return model
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> bool:
+    """Activation checkpointing on ``model`` (the base model of a LoRA policy), non-reentrant
+    (works with DDP and frozen inputs); True if this switched it on, False if it already was.
+
+    Only training forwards checkpoint: ``generate`` runs in eval mode, with its KV cache, and
+    the trainer's teacher-forced forwards pass ``use_cache=False``.
+    """
+    base = _base_model(model)
+    if _checkpointing_on(base):
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_gradient_checkpointing`, including the hook it puts on the input
+    embeddings (their output requires grad, for checkpointed layers under frozen ones)."""
+    base = _base_model(model)
+    if hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
