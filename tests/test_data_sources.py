@@ -202,3 +202,17 @@ def test_validate_prompts_names_source_column_and_row(column, value, message):
 def test_validate_prompts_missing_column():
     with pytest.raises(ValueError, match=r"my_prompts: missing column\(s\) \['split'\]"):
         validate_prompts(_prompts().drop(columns="split"), "my_prompts")
+
+
+def test_gsm8k_from_the_hub_without_the_datasets_package_says_what_to_install():
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("the datasets package is installed here")
+    with pytest.raises(ValueError, match=r"optional `datasets` package \(pip install datasets\)"):
+        load_gsm8k(None, split="train", hub_name="openai/gsm8k")
+
+
+def test_gsm8k_needs_a_path_or_a_hub_name():
+    with pytest.raises(ValueError, match="set a jsonl path or hub_name"):
+        load_gsm8k(None, split="test")

@@ -108,18 +108,35 @@ def read_jsonl_objects(path: Path):
         raise ValueError(f"{path}: no records (the file is empty or blank)")
 
 
+def hub_records(name: str, config: str | None, split: str):
+    """Yield ``(index, where, record)`` of a dataset on the Hugging Face hub (e.g.
+    ``openai/gsm8k``, config ``main``) through the optional ``datasets`` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"loading {name!r} from the hub needs the optional `datasets` package "
+            "(pip install datasets), or copy the jsonl files and set train_path / test_path"
+        ) from None
+    for index, record in enumerate(datasets.load_dataset(name, config, split=split)):
+        yield index, f"{name}[{split}] row {index}", dict(record)
+
+
 def load_gsm8k(
-    path: str | Path,
+    path: str | Path | None,
     *,
     split: str,
     limit: int | None = None,
     prompt_template: str = "{question}\nAnswer:",
+    hub_name: str | None = None,
+    hub_config: str | None = "main",
 ) -> pd.DataFrame:
-    """Read a GSM8K jsonl file into a prompts table plus a ``solution`` column.
+    """Read GSM8K (a jsonl file, or ``hub_name`` from the hub) into a prompts table plus a
+    ``solution`` column.
 
     ``ground_truth`` is the number on the answer's final ``#### <n>`` line without thousands
-    commas; ``solution`` is the full worked answer. The whole file is validated first, and
-    the first bad record raises a ``ValueError`` naming the file and its 1-based line.
+    commas; ``solution`` is the full worked answer. Every record is validated, and the first
+    bad one raises a ``ValueError`` naming the file and its 1-based line (or the hub row).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -132,8 +149,14 @@ def load_gsm8k(
             f"prompt_template must only use the field {{question}}: {prompt_template!r} ({error})"
         ) from error
 
+    if hub_name:
+        records = hub_records(hub_name, hub_config, split)
+    elif path:
+        records = read_jsonl_objects(Path(path))
+    else:
+        raise ValueError(f"GSM8K {split}: set a jsonl path or hub_name")
     rows = []
-    for _, where, record in read_jsonl_objects(Path(path)):
+    for _, where, record in records:
         for key in ("question", "answer"):
             if key not in record:
                 raise ValueError(f"{where}: missing field {key!r}")

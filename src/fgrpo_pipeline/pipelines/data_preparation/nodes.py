@@ -27,7 +27,8 @@ def prepare_prompts(params: dict[str, Any]) -> pd.DataFrame:
     """The prompts table (id, prompt, ground_truth, split) from the selected source.
 
     ``arithmetic`` is generated here; ``gsm8k`` reads the jsonl files the parameters name
-    (the published format, e.g. copied into data/01_raw/gsm8k/).
+    (the published format, e.g. copied into data/01_raw/gsm8k/), or ``hub_name`` from the
+    hub with the optional ``datasets`` package.
     """
     check_params(params)
     source = params["source"]
@@ -39,10 +40,12 @@ def prepare_prompts(params: dict[str, Any]) -> pd.DataFrame:
         table = pd.concat(
             [
                 load_gsm8k(
-                    options[f"{split}_path"],
+                    options.get(f"{split}_path"),
                     split=split,
                     limit=options.get(f"limit_{split}"),
                     prompt_template=template,
+                    hub_name=options.get("hub_name"),
+                    hub_config=options.get("hub_config", "main"),
                 )
                 for split in ("train", "test")
             ],
