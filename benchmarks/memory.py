@@ -1,0 +1,184 @@
+"""Peak memory (resident set size) of the default run.
+
+    python benchmarks/memory.py [--mode both|kedro|training] [--training-steps 300]
+
+``kedro``: the default ``kedro run`` (every stage of ``__default__``: data preparation, the
+base policy's warm-up, rollouts, labelling, 2000 training steps, evaluation, MLflow
+tracking) in a subprocess, in a scratch copy of the project (``conf/``, ``pyproject.toml``
+and ``src/``) so that the repository's ``data/`` and ``mlflow.db`` are left alone.
+Its peak RSS is read two ways: the kernel's high-water mark of the finished child
+(``getrusage(RUSAGE_CHILDREN).ru_maxrss``) and a 10 Hz ``psutil`` sample of the whole
+process tree (which would also count helper processes, if any).
+
+``training``: the default-size training alone (``train`` with the conf/base parameters,
+``--training-steps`` steps) in a fresh interpreter, with its RSS after the imports, after
+the base policy is built and warmed up, and at the end, so the cost of the loop itself is
+visible apart from the libraries' import footprint.
+
+Writes ``benchmarks/results/memory.json``. The kedro run takes about 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import _common as common
+import psutil
+
+MIB = 2**20
+
+# Runs in a fresh interpreter; prints one JSON line with its RSS at each stage.
+TRAINING_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import psutil
+    sys.path.insert(0, {bench!r})
+    proc = psutil.Process()
+    stages = {{"interpreter": proc.memory_info().rss}}
+    import _common as common
+    import torch
+    from fgrpo_pipeline.trainer import train
+    stages["imports"] = proc.memory_info().rss
+    common.set_threads({threads})
+    params = common.project_parameters()
+    prompts = common.default_prompts(params)
+    policy = common.base_policy(params, prompts)
+    stages["base_policy_warmed_up"] = proc.memory_info().rss
+    config = common.training_config(params, steps={steps})
+    t0 = time.perf_counter()
+    result = train(policy, prompts, config, progress=False)
+    seconds = time.perf_counter() - t0
+    stages["after_training"] = proc.memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({{"stages": stages, "peak": peak, "seconds": seconds,
+                      "steps": len(result.metrics)}}))
+    """
+)
+
+
+def run_sampled(cmd: list[str], cwd: Path, env: dict) -> dict:
+    """Run ``cmd``; its wall time, exit code, output tail and peak RSS (two ways)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile(mode="w+") as log:
+        out = _run_with_sampler(cmd, cwd, env, log)
+        log.seek(0)
+        stderr_tail = log.read()[-3000:]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if out.pop("returncode") != 0:
+        print(stderr_tail, file=sys.stderr)
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    out["seconds"] = time.perf_counter() - t0
+    # ru_maxrss of RUSAGE_CHILDREN: the largest finished descendant (KiB on Linux); only
+    # meaningful if it rose past earlier children's.
+    out["peak_rss_mib_kernel"] = after * 1024 / MIB if after > before else None
+    return out
+
+
+def _run_with_sampler(cmd: list[str], cwd: Path, env: dict, log) -> dict:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    peak_tree = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                procs = [root, *root.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in procs if p.is_running())
+                peak_tree[0] = max(peak_tree[0], rss)
+            except psutil.Error:
+                pass
+            done.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    return {
+        "returncode": proc.returncode,
+        "peak_rss_mib_sampled_tree": peak_tree[0] / MIB,
+        "stdout": stdout,
+    }
+
+
+def kedro_run(extra: list[str]) -> dict:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    kedro = Path(sys.executable).with_name("kedro")
+    with tempfile.TemporaryDirectory(prefix="fgrpo-bench-") as tmp:
+        project = Path(tmp)
+        shutil.copytree(common.ROOT / "conf", project / "conf")
+        shutil.copy2(common.ROOT / "pyproject.toml", project / "pyproject.toml")
+        # A copy, not a link: kedro wants the source directory inside the project.
+        shutil.copytree(
+            common.ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        cmd = [str(kedro), "run", *extra]
+        out = run_sampled(cmd, project, env)
+    out.pop("stdout")
+    out["command"] = "kedro run" + (" " + " ".join(extra) if extra else "")
+    return out
+
+
+def training_run(steps: int, threads: int) -> dict:
+    code = TRAINING_CHILD.format(bench=str(Path(__file__).parent), steps=steps, threads=threads)
+    out = run_sampled([sys.executable, "-c", code], common.ROOT, dict(os.environ))
+    child = json.loads(out.pop("stdout").strip().splitlines()[-1])
+    out["stages_rss_mib"] = {k: v / MIB for k, v in child["stages"].items()}
+    out["peak_rss_mib_self"] = child["peak"] / MIB
+    out["training_seconds"] = child["seconds"]
+    out["steps"] = child["steps"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("both", "kedro", "training"), default="both")
+    parser.add_argument("--training-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (training mode)")
+    parser.add_argument("--kedro-args", default="", help="extra `kedro run` arguments")
+    parser.add_argument("--max-load", type=float, default=0.8)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    load = common.wait_for_quiet(args.max_load)
+    results: dict = {
+        "benchmark": "memory",
+        "command": "python benchmarks/memory.py",
+        "load": load,
+        "machine": common.machine_info(),
+    }
+    if args.mode in ("both", "training"):
+        results["training"] = training_run(args.training_steps, args.threads)
+        tr = results["training"]
+        print(
+            f"training only ({tr['steps']} default-size steps): peak RSS "
+            f"{tr['peak_rss_mib_self']:.0f} MiB; stages (MiB): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in tr["stages_rss_mib"].items())
+        )
+    if args.mode in ("both", "kedro"):
+        results["kedro_run"] = kedro_run(args.kedro_args.split())
+        kr = results["kedro_run"]
+        print(
+            f"{kr['command']}: {kr['seconds']:.0f} s, peak RSS "
+            f"{kr['peak_rss_mib_kernel'] or float('nan'):.0f} MiB (kernel), "
+            f"{kr['peak_rss_mib_sampled_tree']:.0f} MiB (sampled tree)"
+        )
+    results["load_at_end"] = common.load_avg()
+    common.write_result("memory", results, args.out)
+
+
+if __name__ == "__main__":
+    main()

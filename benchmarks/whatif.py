@@ -1,0 +1,290 @@
+"""What-if: optimisations the breakdown points to, prototyped here and timed against src.
+
+    python benchmarks/whatif.py [--reps 30] [--threads 0]
+
+None of these is in ``src/`` yet; each is a prototype built from public transformers / torch
+calls, checked to give the same numbers as the current code on the same batch, and timed
+against it in the same process (interleaved, median of ``--reps``) at the default size
+(P = 32 prompts × G = 8, 4 new tokens, the warmed-up base policy):
+
+1. ``shared_prefix_logps``: the teacher-forced log-probs (reference: no grad; policy: forward
+   + backward) run the prompt once per group — P rows, not P·G — and the completion tokens
+   of its G rows on top of that prompt's KV cache (``DynamicCache.batch_repeat_interleave``).
+   Same values and gradients as ``rollout.batch_logprobs``; the token positions processed
+   drop from P·G·(L_prompt + T) to P·L_prompt + P·G·T.
+2. ``shared_prefix_generate``: ``generate`` given a cache of all but the last prompt token,
+   prefilled once per prompt and repeated G times, so its prefill runs P rows, not P·G.
+   Same samples (same seed) as without.
+3. ``gumbel_sampling``: sampling as argmax(logits / T + Gumbel noise) through a logits
+   processor and greedy decoding, instead of ``torch.multinomial`` (whose CPU kernel draws
+   exponentials slowly). Same distribution, different random stream.
+4. ``fused_adamw``: ``torch.optim.AdamW(fused=True)`` vs the default for-loop implementation.
+5. ``cpu_seed``: ``torch.default_generator.manual_seed`` vs ``torch.manual_seed``, which also
+   seeds (lazily, with a stack trace each time) CUDA, XPU and MTIA.
+
+Writes ``benchmarks/results/whatif.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import _common as common
+import torch
+
+
+def shared_prefix_logprobs(model, batch, temperature: float, group_size: int):
+    """``batch_logprobs`` with each group's prompt run once (rows of a group share it)."""
+    from fgrpo_pipeline.rollout import _sampled_logps
+
+    prompt_ids = batch.prompt_ids[::group_size]
+    prompt_mask = batch.prompt_mask[::group_size].long()
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    first = out.logits[:, -1:].repeat_interleave(group_size, dim=0)  # predicts token 0
+    completion_ids = batch.completion_ids
+    full_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).long()
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt_ids.shape[1] :]
+    rest = model(
+        input_ids=completion_ids,
+        attention_mask=full_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=completion_ids.shape[1],
+    ).logits[:, :-1]
+    logps = _sampled_logps(torch.cat([first, rest], dim=1), completion_ids, temperature)
+    return torch.where(batch.completion_mask.bool(), logps, torch.zeros_like(logps))
+
+
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def interleaved(fns: dict, reps: int, rounds: int = 3) -> dict[str, float]:
+    """Median ms of each callable, measured in alternating blocks."""
+    for fn in fns.values():
+        fn()
+    blocks: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            blocks[name].append(median_ms(fn, max(1, reps // rounds)))
+    return {name: statistics.median(v) for name, v in blocks.items()}
+
+
+def main() -> None:  # noqa: PLR0914 - one linear script
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--max-load", type=float, default=0.8)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    import transformers
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    transformers.utils.logging.set_verbosity_error()  # the past_key_values rename notice
+
+    from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine
+
+    common.set_threads(args.threads)
+    load = common.wait_for_quiet(args.max_load)
+    params = common.project_parameters()
+    prompts = common.default_prompts(params)
+    policy = common.base_policy(params, prompts)
+    config = common.training_config(params)
+    p, g, t = config.prompts_per_step, config.group_size, config.sampling.max_new_tokens
+    temp = config.sampling.temperature
+    chosen = prompts["prompt"].tolist()[:p]
+    batch = get_engine("hf").generate(
+        policy, chosen, g, SamplingConfig(**{**config.sampling.__dict__, "seed": 1})
+    )
+    model = copy.deepcopy(policy.model).train()
+    reference = copy.deepcopy(policy.model).eval()
+    results: dict = {
+        "benchmark": "whatif",
+        "command": "python benchmarks/whatif.py",
+        "settings": {"prompts_per_step": p, "group_size": g, "max_new_tokens": t},
+        "load": load,
+        "machine": common.machine_info(),
+    }
+
+    foreign = common.ForeignCpu().__enter__()
+    # 1. shared-prefix teacher forcing -----------------------------------------------------
+    with torch.no_grad():
+        full = batch_logprobs(reference, batch, temp)
+        shared = shared_prefix_logprobs(reference, batch, temp, g)
+    model.zero_grad()
+    batch_logprobs(model, batch, temp).sum().backward()
+    grads = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    shared_prefix_logprobs(model, batch, temp, g).sum().backward()
+    grad_err = max(
+        ((q.grad - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
+        for q, r in zip(model.parameters(), grads, strict=True)
+    )
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    timed = interleaved(
+        {
+            "reference_current": no_grad(lambda: batch_logprobs(reference, batch, temp)),
+            "reference_shared": no_grad(lambda: shared_prefix_logprobs(reference, batch, temp, g)),
+            "policy_fwd_bwd_current": lambda: batch_logprobs(model, batch, temp).sum().backward(),
+            "policy_fwd_bwd_shared": lambda: (
+                shared_prefix_logprobs(model, batch, temp, g).sum().backward()
+            ),
+        },
+        args.reps,
+    )
+    lp, lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    results["shared_prefix_logps"] = {
+        "max_abs_logp_difference": (full - shared).abs().max().item(),
+        "max_relative_grad_difference": grad_err,
+        "token_positions_current": p * g * (lp + lc),
+        "token_positions_shared": p * lp + p * g * lc,
+        "ms": timed,
+        "saving_ms": timed["reference_current"]
+        - timed["reference_shared"]
+        + timed["policy_fwd_bwd_current"]
+        - timed["policy_fwd_bwd_shared"],
+    }
+
+    # 2./3. generation: shared-prefix prefill, Gumbel sampling ------------------------------
+    tok = policy.tokenizer
+    gen_model = copy.deepcopy(policy.model).eval()
+    enc = tok(chosen, return_tensors="pt", padding=True, padding_side="left")
+    ids = enc["input_ids"].repeat_interleave(g, 0)
+    mask = enc["attention_mask"].repeat_interleave(g, 0)
+    common_kw = {
+        "max_new_tokens": t,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": [tok.eos_token_id],
+        "use_cache": True,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+    }
+
+    class Gumbel(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            u = torch.empty_like(scores).uniform_().clamp_(min=1e-20)
+            return scores / temp - u.log_().neg_().log_()
+
+    def generate(mode: str, seed: int):
+        extra: dict = {}
+        if mode == "gumbel":
+            cfg = GenerationConfig(do_sample=False, **common_kw)
+            extra["logits_processor"] = LogitsProcessorList([Gumbel()])
+        else:
+            cfg = GenerationConfig(
+                do_sample=True, temperature=temp, top_p=1.0, top_k=0, **common_kw
+            )
+        if mode == "shared_prefix":
+            uid, um = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
+            with torch.no_grad():
+                cache = gen_model(
+                    input_ids=uid,
+                    attention_mask=um,
+                    position_ids=(um.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True,
+                ).past_key_values
+            cache.batch_repeat_interleave(g)
+            extra["past_key_values"] = cache
+        gen_model.generation_config = cfg
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return gen_model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=cfg, **extra
+            )
+
+    same = [
+        torch.equal(generate("current", s).sequences, generate("shared_prefix", s).sequences)
+        for s in range(5)
+    ]
+    seeds = iter(range(10**6))
+    timed = interleaved(
+        {
+            mode: lambda m=mode: generate(m, next(seeds))
+            for mode in ("current", "shared_prefix", "gumbel")
+        },
+        args.reps,
+    )
+    results["generation"] = {
+        "shared_prefix_same_samples_as_current": all(same),
+        "ms": timed,
+        "shared_prefix_saving_ms": timed["current"] - timed["shared_prefix"],
+        "gumbel_saving_ms": timed["current"] - timed["gumbel"],
+        "note": "HF generate() with the engine's settings, outside HFEngine (no decode, no "
+        "old_logps): the savings carry over, the absolute times are a little lower",
+    }
+
+    # 4. fused AdamW --------------------------------------------------------------------------
+    def adam_step(fused: bool):
+        net = copy.deepcopy(policy.model).train()
+        for q in net.parameters():
+            q.grad = torch.randn_like(q) * 1e-3
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused or None)
+        return opt.step
+
+    timed = interleaved({"default": adam_step(False), "fused": adam_step(True)}, args.reps * 5)
+    results["adamw"] = {"ms": timed, "saving_ms": timed["default"] - timed["fused"]}
+
+    # 5. seeding ------------------------------------------------------------------------------
+    timed = interleaved(
+        {
+            "torch.manual_seed": lambda: torch.manual_seed(0),
+            "default_generator.manual_seed": lambda: torch.default_generator.manual_seed(0),
+        },
+        args.reps * 10,
+    )
+    results["seeding"] = {
+        "ms": timed,
+        "saving_ms": timed["torch.manual_seed"] - timed["default_generator.manual_seed"],
+    }
+    foreign.__exit__(None, None, None)
+    results["foreign_cpu_cores"] = foreign.cores
+    results["load_at_end"] = common.load_avg()
+
+    sp = results["shared_prefix_logps"]
+    print(
+        f"shared-prefix log-probs: |Δlogp| {sp['max_abs_logp_difference']:.1e}, rel. |Δgrad| "
+        f"{sp['max_relative_grad_difference']:.1e}; token positions "
+        f"{sp['token_positions_current']} → {sp['token_positions_shared']}"
+    )
+    for name, ms in sp["ms"].items():
+        print(f"  {name:<26}{ms:8.2f} ms")
+    gen = results["generation"]
+    same = gen["shared_prefix_same_samples_as_current"]
+    print(f"generation (same samples with the shared prefix: {same})")
+    for name, ms in gen["ms"].items():
+        print(f"  {name:<26}{ms:8.2f} ms")
+    for key in ("adamw", "seeding"):
+        print(key + ": " + ", ".join(f"{k} {v:.3f} ms" for k, v in results[key]["ms"].items()))
+    common.write_result("whatif", results, args.out)
+
+
+if __name__ == "__main__":
+    main()
