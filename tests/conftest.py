@@ -102,3 +102,38 @@ def half_taught_policy(prompts):
         progress=False,
     )
     return policy
+
+
+# A small model for engine tests; prompts of different lengths, so shorter ones are padded.
+TINY_MODEL = {
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 64,
+}
+ENGINE_PROMPTS = ["1+2=", "12*13=", "5-9=", "27+8="]
+
+
+def briefly_warmed_policy():
+    """A tiny policy warmed up briefly on a+b: emits EOS often, but not always within 2
+    tokens (both kinds of completion end appear in a batch)."""
+    import random
+
+    from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
+    from fgrpo_pipeline.warmup import supervised_warmup
+
+    rng = random.Random(0)
+    pairs = [(rng.randrange(30), rng.randrange(30)) for _ in range(200)]
+    policy = build_tiny_policy(build_char_tokenizer(), **TINY_MODEL)
+    supervised_warmup(
+        policy,
+        [f"{a}+{b}=" for a, b in pairs],
+        [str(a + b) for a, b in pairs],
+        steps=60,
+        batch_size=32,
+        learning_rate=1e-2,
+        seed=0,
+        progress=False,
+    )
+    return policy

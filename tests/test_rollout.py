@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -16,31 +14,14 @@ from fgrpo_pipeline.rollout import (
     get_engine,
     token_logprobs,
 )
-from fgrpo_pipeline.warmup import supervised_warmup
-
-# Different lengths on purpose: the shorter prompts are left-padded.
-PROMPTS = ["1+2=", "12*13=", "5-9=", "27+8="]
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
-TINY["intermediate_size"] = 64
+from tests.conftest import ENGINE_PROMPTS as PROMPTS
+from tests.conftest import TINY_MODEL as TINY
+from tests.conftest import briefly_warmed_policy
 
 
 @pytest.fixture(scope="module")
 def policy():
-    """A briefly warmed-up policy: emits EOS often, but not always within 2 tokens."""
-    rng = random.Random(0)
-    pairs = [(rng.randrange(30), rng.randrange(30)) for _ in range(200)]
-    policy = build_tiny_policy(build_char_tokenizer(), **TINY)
-    supervised_warmup(
-        policy,
-        [f"{a}+{b}=" for a, b in pairs],
-        [str(a + b) for a, b in pairs],
-        steps=60,
-        batch_size=32,
-        learning_rate=1e-2,
-        seed=0,
-        progress=False,
-    )
-    return policy
+    return briefly_warmed_policy()
 
 
 def _generate(policy, prompts=PROMPTS, group_size=3, **sampling) -> RolloutBatch:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import random
 import subprocess
 import sys
 import types
@@ -27,7 +26,6 @@ from safetensors import safe_open
 import fgrpo_pipeline
 from fgrpo_pipeline.labeling import rollouts_to_table
 from fgrpo_pipeline.lora import LoraSettings, apply_lora
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.rollout import ENGINES, RolloutBatch, SamplingConfig, get_engine
 from fgrpo_pipeline.vllm_engine import (
     LOGPROBS_MODE,
@@ -41,11 +39,9 @@ from fgrpo_pipeline.vllm_engine import (
     per_request_kwargs,
     request_seed,
 )
-from fgrpo_pipeline.warmup import supervised_warmup
+from tests.conftest import ENGINE_PROMPTS as PROMPTS
+from tests.conftest import briefly_warmed_policy
 
-PROMPTS = ["1+2=", "12*13=", "5-9=", "27+8="]
-TINY = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
-TINY["intermediate_size"] = 64
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,21 +76,7 @@ class RequestOutput:
 
 @pytest.fixture(scope="module")
 def policy():
-    """Briefly warmed up: emits EOS often, but not always within 2 tokens."""
-    rng = random.Random(0)
-    pairs = [(rng.randrange(30), rng.randrange(30)) for _ in range(200)]
-    policy = build_tiny_policy(build_char_tokenizer(), **TINY)
-    supervised_warmup(
-        policy,
-        [f"{a}+{b}=" for a, b in pairs],
-        [str(a + b) for a, b in pairs],
-        steps=60,
-        batch_size=32,
-        learning_rate=1e-2,
-        seed=0,
-        progress=False,
-    )
-    return policy
+    return briefly_warmed_policy()
 
 
 def _hf(policy, group_size=4, prompts=PROMPTS, **sampling) -> RolloutBatch:
