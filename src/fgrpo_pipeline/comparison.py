@@ -107,6 +107,21 @@ def run_params(training_params: Mapping[str, Any], method: str, seed: int) -> di
     return params
 
 
+def sweep_plan(
+    arms: Sequence[Any], seeds: Sequence[int], params_of: Callable[[Any, int], Mapping[str, Any]]
+) -> list[tuple[Any, int, TrainerConfig]]:
+    """Every (arm, seed) with its validated trainer configuration, arm by arm, so a bad one
+    fails before the first run; sets the runs' torch thread count."""
+    plan = [
+        (arm, seed, TrainerConfig.from_params(params_of(arm, seed)))
+        for arm in arms
+        for seed in seeds
+    ]
+    if plan[0][2].num_threads:
+        torch.set_num_threads(plan[0][2].num_threads)
+    return plan
+
+
 @dataclass
 class ComparisonResult:
     """Runs (one row per method × seed), the per-method summary, curves and the base."""
@@ -154,13 +169,7 @@ def run_comparison(
             f"{len(test_prompts)} test"
         )
     train_progress = bool(training_params.get("progress", progress)) and progress
-    plan = [
-        (method, seed, TrainerConfig.from_params(run_params(training_params, method, seed)))
-        for method in methods
-        for seed in seeds
-    ]
-    if plan[0][2].num_threads:
-        torch.set_num_threads(plan[0][2].num_threads)
+    plan = sweep_plan(methods, seeds, lambda m, seed: run_params(training_params, m, seed))
 
     base, _ = evaluate_policy(base_policy, base_policy, test_prompts, evaluation_config)
     logger.info(

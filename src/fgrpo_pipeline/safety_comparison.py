@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fgrpo_pipeline.comparison import check_seeds
+from fgrpo_pipeline.comparison import check_seeds, sweep_plan
 from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.latent import bhattacharyya_distance, last_prompt_hidden_states
 from fgrpo_pipeline.modeling import Policy
@@ -196,13 +196,7 @@ def run_safety_comparison(
     monitor = dict(monitor or {})
     RewardHackingMonitor(**monitor)  # options checked before any work
     train_progress = bool(training_params.get("progress", progress)) and progress
-    plan = [
-        (lam, seed, TrainerConfig.from_params(run_params(training_params, lam, seed)))
-        for lam in lams
-        for seed in seeds
-    ]
-    if plan[0][2].num_threads:
-        torch.set_num_threads(plan[0][2].num_threads)
+    plan = sweep_plan(lams, seeds, lambda lam, seed: run_params(training_params, lam, seed))
 
     base, _, base_hidden = evaluate_safety(
         base_policy, base_policy, test_prompts, anchors, evaluation_config, reward_fn, eval_judge
