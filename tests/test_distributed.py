@@ -24,7 +24,7 @@ from fgrpo_pipeline.data_sources import make_arithmetic_prompts
 from fgrpo_pipeline.distributed import check_batch_layout, check_launch
 from fgrpo_pipeline.launch import load_policy, parse_assignments, weights_sha256
 from fgrpo_pipeline.rollout import repeat_each
-from fgrpo_pipeline.trainer import TrainerConfig, train
+from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, _offline_minibatch, train
 from tests.conftest import half_taught_policy
 
 TRAINING = {
@@ -215,10 +215,11 @@ def test_the_kedro_training_pipeline_runs_in_two_processes(inputs, project_copy)
         pd.DataFrame({"prompt": ["1+1="], "completion": [completion]}).to_parquet(
             project_copy / f"data/05_model_input/{side}.parquet"
         )
+    # FDO on the offline splits: the ranks share out its minibatch and all-reduce its counts
+    # (the file-mode run above trains f-GRPO)
+    run = {**TRAINING, "sampling.max_new_tokens": 3, "loss": "fdo", "offline_batch_size": 2}
     overrides = ",".join(
-        f"training.{key}={value}"
-        for key, value in {**TRAINING, "sampling.max_new_tokens": 3}.items()
-        if key != "sampling"
+        f"training.{key}={value}" for key, value in run.items() if key != "sampling"
     )
     # the shipped accelerate config file instead of flags
     config_file = ["--config_file", str(project_copy / "conf/accelerate/ddp_cpu.yaml")]
@@ -227,6 +228,10 @@ def test_the_kedro_training_pipeline_runs_in_two_processes(inputs, project_copy)
     metrics = pd.read_parquet(project_copy / "data/07_model_output/training_metrics.parquet")
     assert metrics["step"].tolist() == [1, 2, 3]
     assert (metrics["groups"] == TRAINING["prompts_per_step"]).all()
+    # one aligned "2" and one unaligned "3" sample on each rank: FDO's estimate is that of
+    # the whole minibatch, and the policy learns to prefer "2"
+    assert metrics["divergence_estimate"].notna().all()
+    assert metrics["divergence_estimate"].iloc[-1] > metrics["divergence_estimate"].iloc[0]
     assert len(list((project_copy / "data/06_models/trained_policy").iterdir())) == 1
     assert [p.name for p in (project_copy / "data/06_models/training_checkpoints").iterdir()] == [
         "step_000003"
@@ -267,6 +272,37 @@ def test_a_bad_layout_stops_training_before_any_work(monkeypatch, inputs):
     config = TrainerConfig.from_params({k: v for k, v in TRAINING.items() if k != "progress"})
     with pytest.raises(ValueError, match="'prompts_per_step'=4 is not divisible by the 3"):
         train(None, prompts, config)  # the policy is not even looked at
+
+
+def test_the_offline_minibatch_must_split_evenly_when_the_loss_uses_one(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fdo = TrainerConfig.from_params({"loss": "fdo", "offline_batch_size": 5})
+    with pytest.raises(ValueError, match="'offline_batch_size'=5 is not divisible by the 2"):
+        fdo.check_launch()
+    f_grpo = TrainerConfig.from_params({"loss": "f_grpo", "offline_batch_size": 5})
+    assert f_grpo.check_launch() == 2  # no offline data: its size does not matter
+
+
+def test_ranks_score_disjoint_shares_of_one_offline_minibatch(inputs):
+    folder, prompts = inputs
+    policy = load_policy(folder / "policy")
+    data = PreferenceData(
+        [f"{i}+1=" for i in range(9)],
+        [str(i + 1) for i in range(9)],
+        [f"{i}+2=" for i in range(9)],
+        [str(i) for i in range(9)],
+    )
+
+    def draw(share):
+        gen = torch.Generator().manual_seed(7)
+        return _offline_minibatch(data, policy, policy.model, 6, gen, 1.0, share)
+
+    whole = draw(slice(None))
+    ranks = [draw(slice(r * 3, (r + 1) * 3)) for r in range(2)]
+    for side in ("chosen_logps", "rejected_ref_logps"):
+        joined = torch.cat([getattr(part, side) for part in ranks])
+        torch.testing.assert_close(joined.detach(), getattr(whole, side).detach())
+    assert not torch.equal(ranks[0].chosen_logps, ranks[1].chosen_logps)
 
 
 def test_launch_environment_checks(monkeypatch):

@@ -369,3 +369,113 @@ def test_f_grpo_bad_inputs():
         f_grpo_loss(logps.view(3, 4), ref.view(3, 4), adv.view(3, 4), divergence="kl", group_size=G)
     with pytest.raises(ValueError, match="at least one chosen and one rejected"):
         fdo_loss(logps[:0], ref[:0], logps, ref, divergence="kl")
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+def _two_rank_batch():
+    """4 groups of G = 4 with ragged lengths; the ranks' halves differ in aligned, unaligned
+    and token counts, and in how many groups have a reward spread."""
+    gen = torch.Generator().manual_seed(3)
+    n, t = 16, 6
+    lengths = torch.tensor([6, 2, 5, 1, 3, 6, 4, 2, 1, 1, 6, 5, 2, 3, 4, 6])
+    mask = (torch.arange(t) < lengths.unsqueeze(1)).double()
+    logps = (-1.0 + 0.3 * torch.randn(n, t, generator=gen, dtype=torch.float64)) * mask
+    rewards = torch.tensor(
+        [1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.float64
+    )  # rank 0: 5 aligned of 8, two groups with spread; rank 1: 1 of 8, one group
+    return LossInputs(
+        logps=logps.requires_grad_(True),
+        ref_logps=(logps.detach() + 0.05 * torch.randn(n, t, generator=gen)) * mask,
+        old_logps=(logps.detach() + 0.02 * torch.randn(n, t, generator=gen)) * mask,
+        mask=mask,
+        advantages=group_advantages(rewards, G),
+        rewards=rewards,
+        group_size=G,
+    )
+
+
+def _rank_share(inputs: LossInputs, rank: int, ranks: int) -> LossInputs:
+    rows = slice(rank * len(inputs.rewards) // ranks, (rank + 1) * len(inputs.rewards) // ranks)
+    return LossInputs(
+        logps=inputs.logps[rows],
+        ref_logps=inputs.ref_logps[rows],
+        old_logps=inputs.old_logps[rows],
+        mask=inputs.mask[rows],
+        advantages=inputs.advantages[rows],
+        rewards=inputs.rewards[rows],
+        group_size=inputs.group_size,
+    )
+
+
+def _losses_on_ranks(loss_fn, inputs: LossInputs, config: LossConfig, ranks: int = 2):
+    """Each rank's loss as data-parallel training computes it. ``rank_mean`` stands for the
+    all-reduce: a first pass records every rank's counts in call order (each rank asks for the
+    same counts), the second is given their means."""
+    shares = [_rank_share(inputs, r, ranks) for r in range(ranks)]
+    counts: list[list[float]] = [[] for _ in shares]
+    for share, seen in zip(shares, counts, strict=True):
+        share.rank_mean = lambda count, seen=seen: seen.append(count.item()) or count
+        loss_fn(share, config)
+    means = [sum(column) / ranks for column in zip(*counts, strict=True)]
+    for share in shares:
+        given = iter(means)
+        share.rank_mean = lambda count, given=given: torch.tensor(next(given))
+    return [loss_fn(share, config).loss for share in shares]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("grpo", {"aggregation": "dapo", "kl_coef": 0.1}),
+        ("grpo", {"aggregation": "dr_grpo"}),
+        ("grpo", {"aggregation": "grpo"}),
+        ("fdo", {"divergence": "kl"}),
+        ("fdo", {"divergence": "hellinger"}),
+        ("dpo", {}),
+        ("f_grpo", {"divergence": "pearson", "weights": "snis"}),
+    ],
+)
+def test_data_parallel_ranks_average_to_the_whole_batch_loss_and_gradient(name, options):
+    # DDP averages the ranks' gradients: that average must be the whole batch's gradient,
+    # also where the ranks hold different numbers of tokens, aligned samples or pairs.
+    inputs, config = _two_rank_batch(), LossConfig(name=name, **options)
+    loss_fn = get_loss(name)
+    whole = loss_fn(inputs, config).loss
+    (whole_grad,) = torch.autograd.grad(whole, inputs.logps)
+    ranks = _losses_on_ranks(loss_fn, inputs, config)
+    averaged = sum(ranks) / len(ranks)
+    (averaged_grad,) = torch.autograd.grad(averaged, inputs.logps)
+    assert averaged.item() == pytest.approx(whole.item(), rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(averaged_grad, whole_grad, rtol=1e-10, atol=1e-12)
+    # the local normalisation (each rank's own counts) would not: the test can tell
+    if name in ("fdo", "dpo") or options.get("aggregation") == "dapo":
+        local = sum(loss_fn(_rank_share(inputs, r, 2), config).loss for r in range(2)) / 2
+        assert local.item() != pytest.approx(whole.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fdo", "dpo"])
+def test_a_rank_whose_groups_are_all_flat_still_takes_part(name):
+    # rank 1's groups have no reward spread, so no preference: its loss is a zero with a graph
+    # (DDP needs every rank in backward) and the average is still the whole batch's loss
+    inputs = _two_rank_batch()
+    inputs.rewards[8:] = 0.0
+    inputs.advantages = group_advantages(inputs.rewards, G)
+    config = LossConfig(name=name, divergence="kl")
+    ranks = _losses_on_ranks(get_loss(name), inputs, config)
+    assert all(loss.requires_grad for loss in ranks) and ranks[1].item() == 0.0
+    whole = get_loss(name)(inputs, config).loss
+    assert (sum(ranks) / 2).item() == pytest.approx(whole.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda x: fdo_loss(x, x, x, x, divergence="kl", chosen_count=-1), "chosen_count"),
+        (lambda x: dpo_loss(x, x, x, x, pair_count=float("nan")), "pair_count"),
+    ],
+)
+def test_given_counts_are_checked(call, message):
+    with pytest.raises(ValueError, match=f"{message} must be a finite count"):
+        call(torch.zeros(2, dtype=torch.float64))

@@ -78,18 +78,31 @@ def _flag(name: str) -> bool:
 
 
 def check_launch(
-    prompts_per_step: int, group_size: int, mixed_precision: str, *, world: int | None = None
+    prompts_per_step: int,
+    group_size: int,
+    mixed_precision: str,
+    *,
+    world: int | None = None,
+    offline_batch_size: int | None = None,
 ) -> int:
     """Check a run against the processes it is launched in, before any work; returns N.
 
-    The batch layout (:func:`check_batch_layout`), fp16 (loss scaling, CUDA only), and that
-    ``accelerate launch --mixed_precision`` (or its config file) agrees with the trainer's
-    ``mixed_precision``, which is the one that decides. Warns when ``accelerate launch --cpu
-    --num_processes N`` started one process (accelerate runs several CPU processes only through
-    mpirun; ``--multi_gpu`` on a machine without CUDA runs N gloo processes on the CPU).
+    The batch layout (:func:`check_batch_layout`), the offline preference minibatch (when the
+    loss uses one, ``offline_batch_size``: each rank scores an equal share of it), fp16 (loss
+    scaling, CUDA only), and that ``accelerate launch --mixed_precision`` (or its config file)
+    agrees with the trainer's ``mixed_precision``, which is the one that decides. Warns when
+    ``accelerate launch --cpu --num_processes N`` started one process (accelerate runs several
+    CPU processes only through mpirun; ``--multi_gpu`` on a machine without CUDA runs N gloo
+    processes on the CPU).
     """
     world = world_size() if world is None else world
     check_batch_layout(prompts_per_step, group_size, world)
+    if offline_batch_size is not None and offline_batch_size % world:
+        raise ValueError(
+            f"training parameter 'offline_batch_size'={offline_batch_size} is not divisible by "
+            f"the {world} processes: each rank scores an equal share of the offline preference "
+            f"minibatch; use a multiple of {world}"
+        )
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(
             f"training parameter 'mixed_precision' must be one of {', '.join(MIXED_PRECISIONS)}"
@@ -157,6 +170,10 @@ class Runtime:
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every process (a step is applied everywhere or nowhere)."""
         return flag
+
+    def mean(self, value: Tensor) -> Tensor:
+        """The mean over the processes of a (detached) tensor."""
+        return value
 
     def gather(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """Per-sequence tensors of all processes, concatenated in rank order."""
@@ -275,6 +292,11 @@ class AccelerateRuntime(Runtime):
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.gather(value).min().item() > 0)
+
+    def mean(self, value: Tensor) -> Tensor:
+        if self.num_processes == 1:
+            return value
+        return self.accelerator.reduce(value.detach().float().to(self.device), "mean")
 
     def gather(self, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         if self.num_processes == 1:

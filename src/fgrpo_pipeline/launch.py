@@ -187,7 +187,7 @@ class RecordingReward:
 
 def run_files(args: argparse.Namespace) -> int:
     """``files`` mode: train on every rank, write the rank files and rank 0's outputs."""
-    from fgrpo_pipeline.distributed import check_launch, world_size
+    from fgrpo_pipeline.distributed import world_size
     from fgrpo_pipeline.lora import merge_for_export
     from fgrpo_pipeline.rewards import combine_rewards
     from fgrpo_pipeline.trainer import (
@@ -201,7 +201,7 @@ def run_files(args: argparse.Namespace) -> int:
     params = load_params(args.params, parse_assignments(args.set))
     check_run_params(params)
     config = TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
-    check_launch(config.prompts_per_step, config.group_size, config.mixed_precision)
+    config.check_launch()
     prompts = _read_table(args.prompts)
     if args.split and "split" in prompts.columns:
         prompts = prompts[prompts["split"] == args.split]

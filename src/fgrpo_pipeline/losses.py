@@ -16,6 +16,7 @@ Each returns a :class:`LossOutput`: the differentiable scalar ``loss`` and a dic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -94,6 +95,21 @@ def bounded(score: Tensor, bound: float | None) -> Tensor:
 def _check_bound(bound: float | None) -> None:
     if bound is not None and not (isinstance(bound, (int, float)) and 0 < bound < float("inf")):
         raise ValueError(f"reward_bound must be a finite number > 0 or None, got {bound!r}")
+
+
+# A mean's denominator: a number of samples, pairs or tokens (see Count in _denominator).
+Count = float | int | Tensor
+
+
+def _denominator(count: Count | None, local: float, name: str) -> float:
+    """``count`` (a given denominator, e.g. the mean count over data-parallel ranks) as a
+    float, or the ``local`` count when none is given."""
+    if count is None:
+        return float(local)
+    value = float(count.item() if isinstance(count, Tensor) else count)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite count ≥ 0, got {count!r}")
+    return value
 
 
 def _mean_or_zero(x: Tensor) -> float:
@@ -220,11 +236,18 @@ def fdo_loss(
     divergence: Divergence | str,
     beta: float = 0.1,
     reward_bound: float | None = DEFAULT_REWARD_BOUND,
+    chosen_count: Count | None = None,
+    rejected_count: Count | None = None,
 ) -> LossOutput:
     """Offline FDO loss (spec §3): ``−E_{D⁺}[g(r_θ)] + E_{D⁻}[f*(g(r_θ))]``.
 
     Chosen (aligned) and rejected (unaligned) samples need not be paired: their counts may
     differ. ``−loss`` is the variational estimate of ``D_f(D⁺‖D⁻)``.
+
+    ``chosen_count`` / ``rejected_count``: what each side's sum is divided by (default: its
+    number of samples here). Data-parallel ranks pass the mean count over the ranks, so that
+    the average of their losses is the loss of the whole batch; a rank may then hold no
+    sample of a side.
     """
     _check_beta(beta)
     div = _resolve(divergence)
@@ -232,7 +255,9 @@ def fdo_loss(
         _check_flat(name, t)
     _check_same_shape(chosen_logps=chosen_logps, chosen_ref_logps=chosen_ref_logps)
     _check_same_shape(rejected_logps=rejected_logps, rejected_ref_logps=rejected_ref_logps)
-    if chosen_logps.numel() == 0 or rejected_logps.numel() == 0:
+    n_chosen = _denominator(chosen_count, chosen_logps.numel(), "chosen_count")
+    n_rejected = _denominator(rejected_count, rejected_logps.numel(), "rejected_count")
+    if n_chosen == 0 or n_rejected == 0:
         raise ValueError(
             f"fdo_loss needs at least one chosen and one rejected sample, got "
             f"{chosen_logps.numel()} chosen and {rejected_logps.numel()} rejected"
@@ -240,13 +265,16 @@ def fdo_loss(
     _check_bound(reward_bound)
     chosen_reward = bounded(beta * (chosen_logps - chosen_ref_logps), reward_bound)
     rejected_reward = bounded(beta * (rejected_logps - rejected_ref_logps), reward_bound)
-    loss = -div.link(chosen_reward).mean() + div.conjugate_of_link(rejected_reward).mean()
+    loss = (
+        -div.link(chosen_reward).sum() / n_chosen
+        + div.conjugate_of_link(rejected_reward).sum() / n_rejected
+    )
     return LossOutput(
         loss=loss,
         metrics={
             "divergence_estimate": -loss.item(),
-            "implicit_reward_chosen": chosen_reward.detach().mean().item(),
-            "implicit_reward_rejected": rejected_reward.detach().mean().item(),
+            "implicit_reward_chosen": _mean_or_zero(chosen_reward.detach()),
+            "implicit_reward_rejected": _mean_or_zero(rejected_reward.detach()),
         },
     )
 
@@ -326,6 +354,7 @@ def grpo_loss(
     kl_coef: float = 0.0,
     aggregation: str = "grpo",
     max_completion_length: int | None = None,
+    token_count: Count | None = None,
 ) -> LossOutput:
     """Token-level clipped-ratio GRPO (spec §6) on per-token log-probs [N, T].
 
@@ -333,7 +362,8 @@ def grpo_loss(
     the k3 estimator ``k3 = e^{ref − logp} − (ref − logp) − 1``. ``aggregation``:
     ``grpo`` averages tokens within each sequence, then sequences; ``dr_grpo`` sums tokens
     and divides by N·``max_completion_length`` (default: T); ``dapo`` divides the sum by the
-    batch's active-token count.
+    batch's active-token count, or by ``token_count`` if given (data-parallel ranks: the mean
+    count over the ranks, so that the average of their losses is the whole batch's).
     """
     _check_choice(aggregation, GRPO_AGGREGATIONS, "aggregation")
     if logps.dim() != 2:
@@ -363,14 +393,14 @@ def grpo_loss(
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
 
-    token_count = mask.sum(dim=1)
     if aggregation == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / token_count.clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     elif aggregation == "dr_grpo":
         length = max_completion_length or logps.shape[1]
         loss = (per_token * mask).sum() / (logps.shape[0] * length)
     else:
-        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        active = _denominator(token_count, mask.sum().item(), "token_count")
+        loss = (per_token * mask).sum() / (active or 1.0)
 
     active = mask.bool()
     is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
@@ -387,8 +417,12 @@ def dpo_loss(
     rejected_ref_logps: Tensor,
     *,
     beta: float = 0.1,
+    pair_count: Count | None = None,
 ) -> LossOutput:
-    """Sigmoid DPO: ``−log σ(β[(c − c_ref) − (r − r_ref)])`` over paired samples."""
+    """Sigmoid DPO: ``−log σ(β[(c − c_ref) − (r − r_ref)])`` over paired samples.
+
+    ``pair_count``: what the sum over pairs is divided by (default: the number of pairs;
+    data-parallel ranks pass the mean count over the ranks)."""
     _check_beta(beta)
     _check_same_shape(
         chosen_logps=chosen_logps,
@@ -396,19 +430,20 @@ def dpo_loss(
         rejected_logps=rejected_logps,
         rejected_ref_logps=rejected_ref_logps,
     )
-    if chosen_logps.numel() == 0:
+    n_pairs = _denominator(pair_count, chosen_logps.numel(), "pair_count")
+    if n_pairs == 0:
         raise ValueError("dpo_loss needs at least one chosen/rejected pair")
     # log σ is stable at any margin: no bound needed.
     chosen_reward = beta * (chosen_logps - chosen_ref_logps)
     rejected_reward = beta * (rejected_logps - rejected_ref_logps)
     margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
+    loss = -F.logsigmoid(margin).sum() / n_pairs
     return LossOutput(
         loss=loss,
         metrics={
-            "implicit_reward_chosen": chosen_reward.detach().mean().item(),
-            "implicit_reward_rejected": rejected_reward.detach().mean().item(),
-            "reward_accuracy": (margin.detach() > 0).float().mean().item(),
+            "implicit_reward_chosen": _mean_or_zero(chosen_reward.detach()),
+            "implicit_reward_rejected": _mean_or_zero(rejected_reward.detach()),
+            "reward_accuracy": _mean_or_zero((margin.detach() > 0).float()),
         },
     )
 
@@ -455,6 +490,12 @@ class LossInputs:
     """What the trainer holds after a rollout: per-token tensors [N, T] and per-row [N].
 
     ``offline`` is an off-policy preference minibatch (f-HAL, and FDO/DPO when given).
+
+    ``rank_mean`` (data-parallel training): the mean over the ranks of a count tensor. DDP
+    averages the ranks' gradients, so a loss that divides a sum by a count the ranks do not
+    share (DAPO's tokens, the aligned and unaligned rollouts of FDO, the pairs of DPO) divides
+    by the ranks' mean count: the average is then the loss of the whole batch. The default
+    (one process) is the count itself.
     """
 
     logps: Tensor
@@ -465,9 +506,14 @@ class LossInputs:
     rewards: Tensor
     group_size: int
     offline: PreferenceInputs | None = None
+    rank_mean: Callable[[Tensor], Tensor] = lambda count: count
 
     def sequence(self, per_token: Tensor) -> Tensor:
         return (per_token * self.mask).sum(dim=1)
+
+    def mean_over_ranks(self, local_count: float) -> float:
+        """The mean over the data-parallel ranks of a count (this rank's, in one process)."""
+        return self.rank_mean(torch.tensor(float(local_count), device=self.logps.device)).item()
 
 
 LossFn = Callable[[LossInputs, LossConfig], LossOutput]
@@ -515,7 +561,9 @@ def _f_grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
 @LOSSES.register("fdo")
 def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
     prefs = inputs.offline or _online_preferences(inputs)
-    if prefs.chosen_logps.numel() == 0 or prefs.rejected_logps.numel() == 0:
+    n_chosen = inputs.mean_over_ranks(prefs.chosen_logps.numel())
+    n_rejected = inputs.mean_over_ranks(prefs.rejected_logps.numel())
+    if n_chosen == 0 or n_rejected == 0:  # on every rank: the counts are the ranks' means
         return _no_signal(inputs, divergence_estimate=0.0)
     return fdo_loss(
         prefs.chosen_logps,
@@ -525,6 +573,8 @@ def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
         divergence=config.divergence,
         beta=config.beta,
         reward_bound=config.reward_bound,
+        chosen_count=n_chosen,
+        rejected_count=n_rejected,
     )
 
 
@@ -563,13 +613,17 @@ def _grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
         epsilon=config.epsilon,
         kl_coef=config.kl_coef,
         aggregation=config.aggregation,
+        token_count=inputs.mean_over_ranks(inputs.mask.sum().item())
+        if config.aggregation == "dapo"
+        else None,
     )
 
 
 @LOSSES.register("dpo")
 def _dpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
     prefs = inputs.offline or _group_extreme_pairs(inputs)
-    if prefs.chosen_logps.numel() == 0:
+    n_pairs = inputs.mean_over_ranks(prefs.chosen_logps.numel())
+    if n_pairs == 0:
         return _no_signal(inputs, reward_accuracy=0.0)
     return dpo_loss(
         prefs.chosen_logps,
@@ -577,6 +631,7 @@ def _dpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
         prefs.rejected_logps,
         prefs.rejected_ref_logps,
         beta=config.beta,
+        pair_count=n_pairs,
     )
 
 

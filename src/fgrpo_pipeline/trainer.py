@@ -164,6 +164,16 @@ class TrainerConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check_launch(self) -> int:
+        """:func:`~fgrpo_pipeline.distributed.check_launch` for this config: the processes
+        the run was launched in (returned) must split its batches evenly."""
+        return check_launch(
+            self.prompts_per_step,
+            self.group_size,
+            self.mixed_precision,
+            offline_batch_size=self.offline_batch_size if _uses_offline_data(self.loss) else None,
+        )
+
 
 # Keys of the ``training`` parameters that say how a run is shown, not what it trains.
 RUN_KEYS = ("progress", "resume_dir")
@@ -277,10 +287,19 @@ def _sequence_logps(model, tokenizer, prompts, completions, *, temperature, grad
 
 
 def _offline_minibatch(
-    data: PreferenceData, policy: Policy, reference, size: int, gen: torch.Generator, temperature
+    data: PreferenceData,
+    policy: Policy,
+    reference,
+    size: int,
+    gen: torch.Generator,
+    temperature: float,
+    share: slice = slice(None),
 ) -> PreferenceInputs:
+    """``size`` aligned and ``size`` unaligned samples drawn with ``gen``, of which this rank
+    scores its ``share`` (every rank draws all, so the generator stays in step)."""
+
     def draw(prompts: list[str], completions: list[str]):
-        idx = torch.randint(len(prompts), (size,), generator=gen).tolist()
+        idx = torch.randint(len(prompts), (size,), generator=gen).tolist()[share]
         ps, cs = [prompts[i] for i in idx], [completions[i] for i in idx]
         logps = _sequence_logps(
             policy.model, policy.tokenizer, ps, cs, temperature=temperature, grad=True
@@ -419,7 +438,9 @@ def train(
     sampling seed; the model is wrapped in DDP through ``accelerate.prepare``. Every rank
     returns the same trained weights and the same metrics, computed from all ranks' rollouts
     (the ``groups`` column counts the step's groups over all ranks) and holds the completion
-    tables of all ranks. ``on_step``, the progress bar, ``checkpoints`` and the writing of
+    tables of all ranks. Losses that divide by a count (tokens, aligned samples, pairs) divide
+    by its mean over the ranks, so the averaged gradient is the whole batch's; the offline
+    minibatch (``offline_batch_size``, a multiple of N) is shared out between the ranks. ``on_step``, the progress bar, ``checkpoints`` and the writing of
     resume states happen on the main process (rank 0) only; the others return no
     checkpoints. Monitors run on every rank (they see the same rows). A resume state is
     loaded by every rank and resumes only with the same number of processes.
@@ -432,7 +453,7 @@ def train(
         raise ValueError(
             "resume_dir needs training parameter 'checkpoint_every' ≥ 1 (how often to save)"
         )
-    n_procs = check_launch(config.prompts_per_step, config.group_size, config.mixed_precision)
+    n_procs = config.check_launch()
     fingerprint: dict[str, Any] = {}
     if resume_dir is not None:
         resume_dir = Path(resume_dir)
@@ -470,6 +491,8 @@ def train(
     g = config.group_size
     per_rank = config.prompts_per_step // runtime.num_processes
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    offline_per_rank = config.offline_batch_size // runtime.num_processes
+    offline_share = slice(rank * offline_per_rank, (rank + 1) * offline_per_rank)
 
     rows: list[dict[str, float]] = []
     checkpoints: dict[int, Policy] = {}
@@ -550,7 +573,13 @@ def train(
         if preferences is not None and _uses_offline_data(config.loss):
             with runtime.autocast():
                 offline = _offline_minibatch(
-                    preferences, grad_policy, reference, config.offline_batch_size, gen, temperature
+                    preferences,
+                    grad_policy,
+                    reference,
+                    config.offline_batch_size,
+                    gen,
+                    temperature,
+                    offline_share,
                 )
         inputs = LossInputs(
             logps=logps,
@@ -561,6 +590,7 @@ def train(
             rewards=rewards,
             group_size=g,
             offline=offline,
+            rank_mean=runtime.mean,
         )
         out = loss_fn(inputs, config.loss)
         optimizer.zero_grad(set_to_none=True)

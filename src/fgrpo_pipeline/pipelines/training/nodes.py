@@ -10,7 +10,6 @@ from typing import Any
 
 import pandas as pd
 
-from fgrpo_pipeline.distributed import check_launch
 from fgrpo_pipeline.lora import merge_for_export
 from fgrpo_pipeline.modeling import Policy
 from fgrpo_pipeline.trainer import (
@@ -29,7 +28,7 @@ def check_params(params: dict[str, Any]) -> TrainerConfig:
     try:
         check_run_params(params)
         config = TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
-        check_launch(config.prompts_per_step, config.group_size, config.mixed_precision)
+        config.check_launch()
         return config
     except (TypeError, ValueError) as err:
         raise ValueError(f"parameters_training.yml: {err}") from err
