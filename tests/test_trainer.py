@@ -123,7 +123,10 @@ def test_micro_batches_accumulate_exactly_the_whole_batch_gradient(policy, promp
     # weight by up to lr per step: equal to that, and the gradients exactly (test below).
     for key in whole:
         torch.testing.assert_close(micro[key], whole[key], atol=3e-2 * 3, rtol=0)
-    assert runs[1].metrics["loss"].tolist() == pytest.approx(runs[0].metrics["loss"].tolist())
+    # the prompts shared per micro-batch round differently from the whole batch's (~1e-6)
+    assert runs[1].metrics["loss"].tolist() == pytest.approx(
+        runs[0].metrics["loss"].tolist(), abs=1e-6
+    )
     assert runs[1].metrics["reward_mean"].tolist() == runs[0].metrics["reward_mean"].tolist()
 
 

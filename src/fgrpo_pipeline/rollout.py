@@ -5,6 +5,14 @@ those of prompt 1, ...), as ``advantages`` expects. ``old_logps`` are the per-to
 of the sampled tokens under the sampling policy, ``log_softmax(logits / temperature)``; like
 TRL, they do not account for top-p truncation. :func:`token_logprobs` recomputes the same
 quantity by teacher forcing, for the policy (with grad) and the reference (without).
+
+The G rows of a group share their prompt, and prompts are usually longer than completions,
+so most of a plain teacher-forced pass (and of a plain prefill) repeats work G times.
+:func:`batch_logprobs` / :func:`rows_logprobs` and :class:`HFEngine` therefore run each
+distinct prompt once and reuse its KV cache for the G completions; the numbers are those of
+the plain paths up to float rounding (about 1e-6 in a log-prob: matrix products over other
+shapes round differently), and they fall back to the plain paths where a cache cannot be
+shared.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel
 
 from fgrpo_pipeline.modeling import Policy
@@ -107,7 +115,18 @@ def _sampled_logps(logits: Tensor, token_ids: Tensor, temperature: float) -> Ten
 
 @ENGINES.register("hf")
 class HFEngine:
-    """Batched ``transformers`` generation: one ``generate`` call over all P·G sequences."""
+    """Batched ``transformers`` generation: one ``generate`` call over all P·G sequences.
+
+    With ``share_prompts`` (the default) the G copies of a prompt are not prefilled G times:
+    all but the last token of each distinct prompt run once, and ``generate`` starts from
+    that KV cache repeated G times (it then runs only the last prompt token per row). The
+    logits agree with a full prefill's up to float rounding, so the same seed gives the same
+    samples (a draw could only differ by landing within rounding of a category boundary).
+    vLLM has its own engine and prefix caching; it is unaffected.
+    """
+
+    def __init__(self, share_prompts: bool = True) -> None:
+        self.share_prompts = share_prompts
 
     def generate(
         self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
@@ -155,9 +174,17 @@ class HFEngine:
         try:
             # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
             with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+                prefilled = (
+                    _prefill_shared(model, encoded, group_size, prompt_ids.device)
+                    if self.share_prompts
+                    else {}
+                )
                 torch.manual_seed(sampling.seed)
                 out = model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=config,
+                    **prefilled,
                 )
         finally:
             for holder, saved in zip(holders, saved_configs, strict=True):
@@ -190,29 +217,199 @@ class HFEngine:
         )
 
 
+def _prefill_shared(
+    model: PreTrainedModel, encoded: dict, group_size: int, device: torch.device
+) -> dict[str, object]:
+    """``generate``'s cache keyword and a cache of each distinct prompt without its last
+    token, repeated ``group_size`` times; {} (a full prefill) when that saves nothing."""
+    ids, mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
+    if group_size < 2 or ids.shape[1] == 0:
+        return {}
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    found = _output_cache(out)
+    if found is None:
+        return {}
+    name, cache = found
+    cache.batch_repeat_interleave(group_size)
+    return {name: cache}
+
+
 def repeat_each(values: list, times: int) -> list:
     """``[a, b] → [a, a, b, b]`` for ``times=2``: per-prompt values laid out group after group."""
     return [value for value in values for _ in range(times)]
 
 
 def batch_logprobs(
-    model: PreTrainedModel, batch: RolloutBatch, temperature: float, micro_batch_size: int = 0
+    model: PreTrainedModel,
+    batch: RolloutBatch,
+    temperature: float,
+    micro_batch_size: int = 0,
+    *,
+    share_prompts: bool = True,
 ) -> Tensor:
     """:func:`token_logprobs` of a rollout batch's completions under ``model``, computed
-    ``micro_batch_size`` sequences at a time (0 = all at once) to bound activation memory."""
+    ``micro_batch_size`` sequences at a time (0 = all at once) to bound activation memory.
+
+    Each micro-batch goes through :func:`rows_logprobs`, which runs every distinct prompt
+    once rather than once per completion (``share_prompts=False`` forces the plain path).
+    """
     return torch.cat(
         [
-            token_logprobs(
-                model,
-                batch.prompt_ids[rows],
-                batch.prompt_mask[rows],
-                batch.completion_ids[rows],
-                batch.completion_mask[rows],
-                temperature,
-            )
+            rows_logprobs(model, batch, rows, temperature, share_prompts=share_prompts)
             for rows in micro_batches(batch.completion_ids.shape[0], micro_batch_size)
         ]
     )
+
+
+def rows_logprobs(
+    model: PreTrainedModel,
+    batch: RolloutBatch,
+    rows: slice,
+    temperature: float = 1.0,
+    *,
+    share_prompts: bool = True,
+) -> Tensor:
+    """:func:`token_logprobs` [len(rows), T] of the completions in ``batch``'s rows ``rows``
+    (a consecutive slice, which may cut groups), with each distinct prompt run once.
+
+    The G rows of a group share their prompt, so teacher forcing them one by one runs the
+    prompt G times. Here the slice's distinct prompts (row // G) run once, with a KV cache,
+    whose rows are then repeated to the completions, which run on top of it: P·L_prompt +
+    N·(T − 1) token positions instead of N·(L_prompt + T). The log-probs and their gradients
+    are those of :func:`token_logprobs` (same masks, same position ids), up to float
+    rounding. That path is used instead when sharing cannot work or gains nothing: when
+    ``share_prompts`` is False, every prompt of the slice occurs once, the model checkpoints
+    activations under grad (transformers then drops the cache), or its forward returns no
+    cache whose rows can be selected.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    rows = slice(*rows.indices(batch.completion_ids.shape[0]))
+    if share_prompts and _can_share(model, batch, rows):
+        shared = _shared_prompt_logprobs(model, batch, rows, temperature)
+        if shared is not None:
+            return shared
+    return token_logprobs(
+        model,
+        batch.prompt_ids[rows],
+        batch.prompt_mask[rows],
+        batch.completion_ids[rows],
+        batch.completion_mask[rows],
+        temperature,
+    )
+
+
+def _can_share(model: object, batch: RolloutBatch, rows: slice) -> bool:
+    """Whether a slice's prompts repeat (cheaply decided from the layout alone, so every
+    process of a distributed run takes the same path) and the model can keep a cache.
+    A batch-like object without a ``group_size`` has no known layout: nothing is shared."""
+    g = getattr(batch, "group_size", None) or 1
+    if rows.step != 1 or rows.stop - rows.start < 2 or batch.completion_ids.shape[1] == 0:
+        return False
+    if (rows.stop - 1) // g - rows.start // g + 1 == rows.stop - rows.start:
+        return False  # every prompt of the slice occurs once (G = 1, say)
+    module = _underlying_module(model)
+    if module is None:
+        return False
+    # Under grad, transformers switches the cache off in checkpointed modules that train.
+    return not torch.is_grad_enabled() or not any(
+        getattr(m, "gradient_checkpointing", False) and m.training for m in module.modules()
+    )
+
+
+def _underlying_module(model: object) -> nn.Module | None:
+    """The module inside a DDP / DataParallel wrapper (``.module``) or a callable holder such
+    as :class:`fgrpo_pipeline.lora.Reference` (``.model``); None if there is none."""
+    for _ in range(8):
+        if isinstance(model, nn.Module):
+            inner = getattr(model, "module", None)
+            if not isinstance(inner, nn.Module):
+                return model
+            model = inner
+        else:
+            model = getattr(model, "model", None)
+            if model is None:
+                return None
+    return None
+
+
+def _output_cache(output: object) -> tuple[str, object] | None:
+    """The forward's KV cache and the keyword that takes it back (``cache`` in recent
+    transformers, ``past_key_values`` before), if it returned one that can be re-batched."""
+    # The keys (fields set) only: asking a recent ModelOutput for the old name logs a warning.
+    names = output.keys() if hasattr(output, "keys") else ()
+    name = next((n for n in ("cache", "past_key_values") if n in names), None)
+    cache = None if name is None else output[name]
+    if not all(hasattr(cache, m) for m in ("batch_select_indices", "batch_repeat_interleave")):
+        return None
+    return name, cache
+
+
+def _shared_prompt_logprobs(
+    model: PreTrainedModel, batch: RolloutBatch, rows: slice, temperature: float
+) -> Tensor | None:
+    """:func:`rows_logprobs` with each distinct prompt run once; None if the model returned
+    no usable cache (the caller then takes the plain path)."""
+    prompt_ids, prompt_mask = batch.prompt_ids[rows], batch.prompt_mask[rows]
+    completion_ids, completion_mask = batch.completion_ids[rows], batch.completion_mask[rows]
+    g = batch.group_size
+    n_prompt, n_completion = prompt_ids.shape[1], completion_ids.shape[1]
+    device = prompt_ids.device
+    # Row r of the slice belongs to the group of batch row rows.start + r; the first row of
+    # each group (within the slice) carries the prompt that is run.
+    group = torch.arange(rows.start, rows.stop) // g
+    group -= int(group[0])
+    counts = torch.bincount(group).tolist()
+    firsts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+    group, firsts = group.to(device), firsts.to(device)
+    if not (
+        torch.equal(prompt_ids, prompt_ids[firsts][group])
+        and torch.equal(prompt_mask, prompt_mask[firsts][group])
+    ):
+        raise ValueError(
+            f"the rollout batch's prompts differ within a group of group_size={g} rows; "
+            "the G completions of a prompt must be consecutive"
+        )
+
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=prompt_ids[firsts],
+        attention_mask=attention_mask[firsts, :n_prompt],
+        position_ids=position_ids[firsts, :n_prompt],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    found = _output_cache(out)
+    if found is None:
+        return None
+    cache_kwarg, cache = found
+    # The last prompt position predicts completion token 0.
+    logits = out.logits[:, -1:][group]
+    if n_completion > 1:
+        # Token t is predicted from position t - 1: the last completion token is never input.
+        if len(set(counts)) == 1:
+            cache.batch_repeat_interleave(counts[0])
+        else:
+            cache.batch_select_indices(group)
+        rest = model(
+            input_ids=completion_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, n_prompt:-1],
+            use_cache=True,
+            logits_to_keep=n_completion - 1,
+            **{cache_kwarg: cache},
+        ).logits
+        logits = torch.cat([logits, rest], dim=1)
+    logps = _sampled_logps(logits, completion_ids, temperature)
+    return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

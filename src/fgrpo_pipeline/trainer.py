@@ -53,6 +53,7 @@ from fgrpo_pipeline.rollout import (
     get_engine,
     micro_batches,
     repeat_each,
+    rows_logprobs,
     token_logprobs,
 )
 
@@ -81,6 +82,7 @@ class TrainerConfig:
     num_threads: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    share_prompts: bool = True
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -114,11 +116,8 @@ class TrainerConfig:
             "mixed_precision",
             f"must be one of {', '.join(MIXED_PRECISIONS)}",
         )
-        _require(
-            isinstance(self.gradient_checkpointing, bool),
-            "gradient_checkpointing",
-            "must be true or false",
-        )
+        for name in ("gradient_checkpointing", "share_prompts"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false")
         _require(
             self.advantage_scale in ADVANTAGE_SCALES,
             "advantage_scale",
@@ -322,25 +321,21 @@ def backward_in_micro_batches(
     temperature: float,
     *,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    share_prompts: bool = True,
 ) -> None:
     """Accumulate into ``model``'s gradients ``∂L/∂θ = Σ ∂L/∂logps · ∂logps/∂θ``, given
     ``logps_grad`` = ∂L/∂logps [N, T] of a rollout batch, one micro-batch of sequences at a
     time: only one micro-batch's activations are alive at once.
 
     ``no_sync`` (a DDP model's ``no_sync``): every micro-batch but the last runs under it, so
-    the gradients are all-reduced once, after the last one."""
+    the gradients are all-reduced once, after the last one. The log-probs are recomputed as
+    :func:`~fgrpo_pipeline.rollout.batch_logprobs` computed them (``share_prompts``: each
+    distinct prompt of a micro-batch run once)."""
     chunks = micro_batches(len(batch), micro_batch_size)
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
         with contextlib.nullcontext() if no_sync is None or last else no_sync():
-            part = token_logprobs(
-                model,
-                batch.prompt_ids[chunk],
-                batch.prompt_mask[chunk],
-                batch.completion_ids[chunk],
-                batch.completion_mask[chunk],
-                temperature,
-            )
+            part = rows_logprobs(model, batch, chunk, temperature, share_prompts=share_prompts)
             part.backward(logps_grad[chunk])
 
 
@@ -388,12 +383,15 @@ def _combine_reports(
 def _fingerprint_config(fingerprint: dict[str, Any], num_processes: int) -> None:
     """The resume fingerprint's config: ``gradient_checkpointing`` changes memory, not what a
     step computes, so a run may resume with another value; ``mixed_precision`` at its default
-    is left out, as are a single process's ``num_processes``, so states written before these
+    and ``share_prompts`` at its default are left out, as are a single process's
+    ``num_processes``, so states written before these
     existed still resume; a state of N processes resumes only with N."""
     run = fingerprint["config"]
     run.pop("gradient_checkpointing", None)
     if run.get("mixed_precision") == "no":
         run.pop("mixed_precision")
+    if run.get("share_prompts") is True:
+        run.pop("share_prompts")
     if num_processes > 1:
         run["num_processes"] = num_processes
 
@@ -440,7 +438,8 @@ def train(
     (the ``groups`` column counts the step's groups over all ranks) and holds the completion
     tables of all ranks. Losses that divide by a count (tokens, aligned samples, pairs) divide
     by its mean over the ranks, so the averaged gradient is the whole batch's; the offline
-    minibatch (``offline_batch_size``, a multiple of N) is shared out between the ranks. ``on_step``, the progress bar, ``checkpoints`` and the writing of
+    minibatch (``offline_batch_size``, a multiple of N) is shared out between the ranks.
+    ``on_step``, the progress bar, ``checkpoints`` and the writing of
     resume states happen on the main process (rank 0) only; the others return no
     checkpoints. Monitors run on every rank (they see the same rows). A resume state is
     loaded by every rank and resumes only with the same number of processes.
@@ -556,8 +555,9 @@ def train(
         device = batch.completion_mask.device  # a no-op on the CPU
         rewards, advantages = scored.rewards.to(device), scored.advantages.to(device)
         micro = config.micro_batch_size if 0 < config.micro_batch_size < len(batch) else 0
+        share = config.share_prompts
         with torch.no_grad(), runtime.autocast():
-            ref_logps = batch_logprobs(reference, batch, temperature, micro)
+            ref_logps = batch_logprobs(reference, batch, temperature, micro, share_prompts=share)
         t2 = time.perf_counter()
 
         if micro:
@@ -565,10 +565,10 @@ def train(
             # pushed back through the policy one micro-batch at a time (exact for any loss
             # of the log-probs, at the cost of one extra no-grad forward).
             with torch.no_grad():
-                logps = batch_logprobs(model, batch, temperature, micro)
+                logps = batch_logprobs(model, batch, temperature, micro, share_prompts=share)
             logps.requires_grad_(True)
         else:
-            logps = batch_logprobs(wrapped, batch, temperature)
+            logps = batch_logprobs(wrapped, batch, temperature, share_prompts=share)
         offline = None
         if preferences is not None and _uses_offline_data(config.loss):
             with runtime.autocast():
@@ -601,7 +601,13 @@ def train(
             runtime.backward(out.loss)
             if micro and logps.grad is not None:  # None: the loss ignores the rollouts (DPO)
                 backward_in_micro_batches(
-                    wrapped, batch, logps.grad, micro, temperature, no_sync=no_sync
+                    wrapped,
+                    batch,
+                    logps.grad,
+                    micro,
+                    temperature,
+                    no_sync=no_sync,
+                    share_prompts=share,
                 )
             grad_norm = runtime.clip_grad_norm_(wrapped, config.max_grad_norm)
             applied = runtime.all_true(torch.isfinite(grad_norm).item())
