@@ -200,6 +200,84 @@ def test_a_two_process_state_resumes_only_with_two_processes(inputs, two_process
         train(load_policy(folder / "policy"), prompts, config, resume_dir=out / "resume")
 
 
+FSDP_CONFIG = Path(__file__).parents[1] / "conf/accelerate/fsdp2_cpu.yaml"
+
+
+def launch_fsdp(folder: Path, out: Path, version: int, *sets: str) -> list[dict]:
+    """The file-mode run of ``two_process_run`` (without resume) under FSDP ``version``: the
+    shipped FSDP2 config, or the same with FSDP1; returns the ranks' reports."""
+    config = yaml.safe_load(FSDP_CONFIG.read_text())
+    config["fsdp_config"]["fsdp_version"] = version
+    if version == 1:
+        config["fsdp_config"] |= {"fsdp_use_orig_params": True, "fsdp_sharding_strategy": 1}
+        del config["fsdp_config"]["fsdp_reshard_after_forward"]
+    (out / "accelerate.yaml").write_text(yaml.safe_dump(config))
+    accelerate_launch(
+        [
+            "files",
+            "--policy",
+            str(folder / "policy"),
+            "--prompts",
+            str(folder / "prompts.parquet"),
+            "--params",
+            str(folder / "params.yml"),
+            "--output",
+            str(out),
+            "--record-rollouts",
+            *(arg for value in sets for arg in ("--set", value)),
+        ],
+        cwd=out,
+        launch=["--config_file", str(out / "accelerate.yaml")],
+    )
+    return [json.loads((out / f"rank_{r:03d}.json").read_text()) for r in range(PROCESSES)]
+
+
+@pytest.fixture(scope="module", params=[2, 1], ids=["fsdp2", "fsdp1"])
+def fsdp_run(request, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
+    return out, launch_fsdp(inputs[0], out, request.param)
+
+
+def test_fsdp_trains_as_ddp_does_with_the_weights_sharded(inputs, fsdp_run, two_process_run):
+    # Each rank holds half the weights, gradients and optimiser state; rollouts run on a full
+    # copy gathered after every step. Same rollouts and (to float rounding) weights as DDP.
+    out, ranks = fsdp_run
+    ddp_out, ddp_ranks = two_process_run
+    total = sum(p.numel() for p in load_policy(inputs[0] / "policy").model.parameters())
+    assert [r["local_parameters"] for r in ddp_ranks] == [total, total]
+    assert all(0 < r["local_parameters"] < total for r in ranks)
+    assert sum(r["local_parameters"] for r in ranks) >= total  # shards cover every weight
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    for fsdp_rank, ddp_rank in zip(ranks, ddp_ranks, strict=True):
+        assert [c["completions"] for c in fsdp_rank["rollouts"]] == [
+            c["completions"] for c in ddp_rank["rollouts"]
+        ]
+    fsdp_model, ddp_model = (load_policy(o / "policy").model for o in (out, ddp_out))
+    start = load_policy(inputs[0] / "policy").model.state_dict()
+    moved = False
+    for key, value in fsdp_model.state_dict().items():
+        torch.testing.assert_close(value, ddp_model.state_dict()[key], atol=1e-5, rtol=0)
+        moved |= not torch.equal(value, start[key])
+    assert moved
+    fsdp_metrics, ddp_metrics = (pd.read_csv(o / "metrics.csv") for o in (out, ddp_out))
+    assert fsdp_metrics["reward_mean"].tolist() == ddp_metrics["reward_mean"].tolist()
+    assert fsdp_metrics["loss"].tolist() == pytest.approx(ddp_metrics["loss"].tolist(), abs=1e-6)
+
+
+def test_fsdp_trains_a_lora_adapter_against_the_base_with_the_adapter_off(inputs, tmp_path):
+    folder, _ = inputs
+    lora = "lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+    ranks = launch_fsdp(folder, tmp_path, 2, lora)
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # the adapter starts as a no-op: the policy is the reference at step 1
+    kl_to_ref = pd.read_csv(tmp_path / "metrics.csv")["kl_to_ref"]
+    assert kl_to_ref.iloc[0] == pytest.approx(0.0, abs=1e-5) and kl_to_ref.iloc[-1] > 1e-4
+    trained = load_policy(tmp_path / "policy").model.state_dict()  # saved merged
+    start = load_policy(folder / "policy").model.state_dict()
+    changed = {key for key in start if not torch.equal(trained[key], start[key])}
+    assert changed and all(key.endswith(("q_proj.weight", "v_proj.weight")) for key in changed)
+
+
 def test_the_kedro_training_pipeline_runs_in_two_processes(inputs, project_copy):
     """Rank 0 runs the Kedro session (one MLflow run, the catalog saves); rank 1 joins it."""
     import mlflow
@@ -303,6 +381,27 @@ def test_ranks_score_disjoint_shares_of_one_offline_minibatch(inputs):
         joined = torch.cat([getattr(part, side) for part in ranks])
         torch.testing.assert_close(joined.detach(), getattr(whole, side).detach())
     assert not torch.equal(ranks[0].chosen_logps, ranks[1].chosen_logps)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only checks")
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # without CUDA accelerate would quietly run DDP instead
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed config on a machine without CUDA"),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_SYNC_MODULE_STATES": "true"},
+            "fsdp_sync_module_states: false",
+        ),
+    ],
+)
+def test_accelerate_configs_the_cpu_cannot_run_are_refused(monkeypatch, env, message):
+    from fgrpo_pipeline.distributed import AccelerateRuntime
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        AccelerateRuntime()
 
 
 def test_launch_environment_checks(monkeypatch):

@@ -1,21 +1,20 @@
-"""Several processes for the online loop: ``accelerate launch`` (DDP), the batch sharded.
+"""Several processes for the online loop: ``accelerate launch`` (DDP or FSDP), the batch sharded.
 
 Plain torch and accelerate (no Kedro, no MLflow); used by :func:`fgrpo_pipeline.trainer.train`.
 
 Layout of a step under N processes (ranks). Every rank draws the same P prompt indices from
-the trainer's seeded generator (so that generator stays in step on all ranks, and the offline
-minibatches of FDO / f-HAL / DPO, drawn from it too, are the same on every rank) and keeps its
-own P/N of them, in rank order. It samples the G completions of each of its prompts, so every
-group lives whole on one rank: rewards and advantages are computed locally and are exactly
-those of a single process. Each rank's loss is its mean over its groups and DDP averages the
-gradients, so with the same number of groups on every rank the update is that of the mean over
-all P groups. (Losses normalised by a count that differs between ranks, GRPO's ``dapo`` and
-``dr_grpo`` aggregations, FDO / DPO built from the rollouts, average per-rank losses instead.)
-Metrics are computed from the values of all ranks, gathered, so every rank holds the same
-metrics row: the per-completion ones (rewards, accuracy, KL to the reference, lengths) exactly
-as one process would from the whole batch; the loss and the loss's own metrics as means over
-the ranks (the loss exactly, for losses that are means over groups); times as the slowest
-rank's.
+the trainer's seeded generator (so that generator stays in step on all ranks) and keeps its
+own P/N of them, in rank order; the offline minibatches of FDO / f-HAL / DPO, drawn from it
+too, are shared out the same way. It samples the G completions of each of its prompts, so
+every group lives whole on one rank: rewards and advantages are computed locally and are
+exactly those of a single process. Each rank's loss is its mean over its groups and DDP (or
+FSDP) averages the gradients, so with the same number of groups on every rank the update is
+that of the mean over all P groups; losses that divide by a count the ranks do not share
+(DAPO's tokens, FDO's sides, DPO's pairs) divide by its mean over the ranks
+(:meth:`Runtime.mean`), with the same effect. Metrics are computed from the values of all
+ranks, gathered, so every rank holds the same metrics row: the per-completion ones (rewards,
+accuracy, KL to the reference, lengths) exactly as one process would from the whole batch;
+the loss and the loss's own metrics as means over the ranks; times as the slowest rank's.
 
 :func:`check_batch_layout` is the up-front check that P divides across the ranks;
 :func:`check_launch` adds the checks of the launch environment. A :class:`Runtime` is what the
@@ -28,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -190,11 +190,24 @@ class Runtime:
         """The plain model once training is done (no wrapper, no autocast)."""
         return model
 
+    # Whether the prepared model holds only a shard of the weights (FSDP): rollouts, the
+    # reference and snapshots then use a full-weight copy refreshed after every step.
+    shards_weights = False
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The prepared model's full (unsharded) weights, on every process."""
+        return model.state_dict()
+
 
 def destroy_process_group() -> None:
     """End this process's torch.distributed group, if any: a process group left alive makes
-    gloo abort the interpreter's shutdown (also registered at exit once one is set up)."""
+    gloo abort the interpreter's shutdown (also registered at exit once one is set up).
+    Objects still holding FSDP state are collected first, and the ranks meet before the
+    group goes: torn down while a peer still talks, gloo aborts the process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        with contextlib.suppress(Exception):
+            torch.distributed.barrier()
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
 
@@ -202,12 +215,40 @@ def destroy_process_group() -> None:
 _EXIT_HOOK: list[bool] = []
 
 
+def _cpu_fsdp_plugin():
+    """accelerate's FSDP plugin, read from the ``FSDP_*`` variables ``accelerate launch``
+    sets from its config file, checked for what the CPU cannot do."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    # read before the plugin exists: building it with either one on fails without a GPU
+    if _flag("FSDP_SYNC_MODULE_STATES") or _flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError(
+            "FSDP on the CPU: set fsdp_sync_module_states: false and "
+            "fsdp_cpu_ram_efficient_loading: false in the accelerate config (both look for a "
+            "GPU); every rank builds the same starting weights anyway. See "
+            "conf/accelerate/fsdp2_cpu.yaml"
+        )
+    return FullyShardedDataParallelPlugin()
+
+
+def _switch_to_fsdp(accelerator, plugin) -> None:
+    """FSDP on CPU processes. accelerate (1.15) switches to FSDP only for GPU-like device
+    types and otherwise, silently, runs DDP; torch's FSDP itself runs on the CPU with gloo.
+    Both state objects are switched (each new ``AcceleratorState`` copies ``PartialState``'s
+    fields), with the plain ``cpu`` device that FSDP takes as its ``device_id``."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    for state in (PartialState(), accelerator.state):
+        state.distributed_type = DistributedType.FSDP
+        state.device = torch.device("cpu")
+    accelerator.state.fsdp_plugin = plugin
+
+
 def _unsupported(accelerator) -> str | None:
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        return "FSDP"
     if kind == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
         if plugin is not None and getattr(plugin, "zero_stage", 0) == 3:
@@ -219,9 +260,11 @@ class AccelerateRuntime(Runtime):
     """Several processes (or mixed precision) through an ``accelerate.Accelerator``.
 
     Without CUDA the accelerator runs on the CPU (gloo), also when launched with
-    ``accelerate launch --multi_gpu``. Rollouts and the reference use the unwrapped model, so
-    every rank needs the full weights: DDP (and DeepSpeed ZeRO-1/2, untested) work; FSDP and
-    ZeRO-3, which shard the weights, are refused.
+    ``accelerate launch --multi_gpu``. Rollouts and the reference need full weights on every
+    rank: DDP (and DeepSpeed ZeRO-1/2, untested) keep them; under FSDP (1 or 2, also on the
+    CPU: launched with an FSDP config file, see :func:`_switch_to_fsdp`) the trainer keeps a
+    full copy for them, loaded from :meth:`full_state_dict` after every step, while the
+    gradients and optimiser state stay sharded. DeepSpeed ZeRO-3 is refused.
     """
 
     def __init__(self, mixed_precision: str = "no", *, micro_batches: bool = False) -> None:
@@ -235,9 +278,19 @@ class AccelerateRuntime(Runtime):
             # One process trains several times (tests, sweeps) with another precision: the
             # accelerator's process-wide state would refuse the change.
             AcceleratorState._reset_state()
+        cpu = not torch.cuda.is_available()
+        if cpu and _flag("ACCELERATE_USE_DEEPSPEED"):
+            raise ValueError(
+                "accelerate launch was given a DeepSpeed config on a machine without CUDA: "
+                "accelerate would run plain DDP instead. Use DDP or FSDP on the CPU "
+                "(conf/accelerate/ddp_cpu.yaml, fsdp2_cpu.yaml); DeepSpeed on GPUs"
+            )
+        fsdp_plugin = _cpu_fsdp_plugin() if cpu and _flag("ACCELERATE_USE_FSDP") else None
         self.accelerator = accelerator = Accelerator(
-            mixed_precision=mixed_precision, cpu=not torch.cuda.is_available()
+            mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=fsdp_plugin
         )
+        if fsdp_plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+            _switch_to_fsdp(accelerator, fsdp_plugin)
         if accelerator.num_processes != expected:
             raise RuntimeError(
                 f"WORLD_SIZE says {expected} processes but accelerate set up "
@@ -246,8 +299,8 @@ class AccelerateRuntime(Runtime):
             )
         if (kind := _unsupported(accelerator)) is not None:
             raise ValueError(
-                f"{kind} shards the weights across ranks, but rollouts are generated with the "
-                "unwrapped model on every rank (full weights needed): use DDP (accelerate's "
+                f"{kind} shards the weights across ranks, and the trainer gathers full weights "
+                "for the rollouts only from FSDP: use FSDP (fsdp_version 2), DDP (accelerate's "
                 "multi-GPU / multi-CPU), or DeepSpeed ZeRO stage 1 or 2"
             )
         if micro_batches and accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -256,6 +309,7 @@ class AccelerateRuntime(Runtime):
                 "optimiser inside its backward, so the trainer's exact micro-batch accumulation "
                 "cannot run; use micro_batch_size: 0 (or DDP)"
             )
+        self.shards_weights = accelerator.distributed_type == DistributedType.FSDP
         self.num_processes = accelerator.num_processes
         self.process_index = accelerator.process_index
         self.is_main = accelerator.is_main_process
@@ -322,6 +376,19 @@ class AccelerateRuntime(Runtime):
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        if not self.shards_weights:
+            return self.accelerator.unwrap_model(model).state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        # cpu_offload=False: with FSDP1 on the CPU the offloading copy frees storage that is
+        # still in use (a segfault, measured with torch 2.13); on GPUs it keeps the copy there
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        return get_model_state_dict(model, options=options)
 
     def finish(self, model: nn.Module) -> nn.Module:
         # not unwrap_model(keep_fp32_wrapper=False): it unwraps the forward down to the

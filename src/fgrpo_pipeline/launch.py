@@ -231,6 +231,7 @@ def run_files(args: argparse.Namespace) -> int:
         "num_processes": world_size(),
         "weights_sha256": weights_sha256(result.policy.model),
         "steps": int(result.metrics["step"].iloc[-1]) if len(result.metrics) else 0,
+        "local_parameters": result.local_parameters,
     }
     if reward_fn is not None:
         first = result.resumed_from_step + 1

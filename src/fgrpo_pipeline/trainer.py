@@ -254,6 +254,8 @@ class TrainingResult:
     checkpoints: dict[int, Policy]
     completions: pd.DataFrame
     resumed_from_step: int = 0  # the resume state's step the run continued from; 0 if none
+    # parameter elements this process held while training: all of them unless FSDP sharded
+    local_parameters: int = 0
 
 
 def encode_completions(
@@ -461,6 +463,12 @@ def train(
         )
         _fingerprint_config(fingerprint, n_procs)
     runtime = make_runtime(config.mixed_precision, micro_batches=config.micro_batch_size > 0)
+    if runtime.shards_weights and resume_dir is not None:
+        raise ValueError(
+            "training parameter 'resume_dir' under FSDP: resume states hold full optimiser "
+            "states, which the trainer does not gather from FSDP's shards yet; use DDP to "
+            "resume, or FSDP without resume_dir (checkpoint_every still saves the policy)"
+        )
     rank, main = runtime.process_index, runtime.is_main
     distributed = runtime.num_processes > 1
     if config.num_threads:
@@ -516,9 +524,20 @@ def train(
                 checkpoints[state.step] = _snapshot(policy, checkpointing=checkpointing)
             logger.info("resuming training from %s (step %d)", path, state.step)
         runtime.wait()  # every rank has read the state before rank 0 may replace it
+    # What rollouts, snapshots and no-grad passes of the policy run on: the model itself, or,
+    # when the prepared model holds only a shard of the weights (FSDP), a full copy loaded
+    # after every step (the LoRA reference is then that copy with its adapter off).
+    rollout = policy
+    if runtime.shards_weights:
+        rollout = _snapshot(policy, checkpointing=checkpointing)
+        if config.lora is not None:
+            reference = make_reference(rollout)
     # Forward passes with grad go through the wrapped (DDP) model; rollouts, the reference
     # and no-grad passes use the plain one. A single process: the same model.
     wrapped, optimizer = runtime.prepare(model, optimizer)
+    local_parameters = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() for p in wrapped.parameters()
+    )
     grad_policy = Policy(model=wrapped, tokenizer=policy.tokenizer)
     no_sync = runtime.no_sync(wrapped)
     # mininterval: a redirected log gets a line a second, not one per step
@@ -539,7 +558,7 @@ def train(
         chosen = prompts.iloc[pick[mine]]
         sample_seed = (config.seed * 100_003 + step) * runtime.num_processes + rank
         sampling = SamplingConfig(**{**asdict(config.sampling), "seed": sample_seed})
-        batch = engine.generate(policy, chosen["prompt"].tolist(), g, sampling)
+        batch = engine.generate(rollout, chosen["prompt"].tolist(), g, sampling)
         t1 = time.perf_counter()
 
         ground_truths = repeat_each(chosen["ground_truth"].tolist(), g)
@@ -565,7 +584,9 @@ def train(
             # pushed back through the policy one micro-batch at a time (exact for any loss
             # of the log-probs, at the cost of one extra no-grad forward).
             with torch.no_grad():
-                logps = batch_logprobs(model, batch, temperature, micro, share_prompts=share)
+                logps = batch_logprobs(
+                    rollout.model, batch, temperature, micro, share_prompts=share
+                )
             logps.requires_grad_(True)
         else:
             logps = batch_logprobs(wrapped, batch, temperature, share_prompts=share)
@@ -613,8 +634,10 @@ def train(
             applied = runtime.all_true(torch.isfinite(grad_norm).item())
             if applied:
                 optimizer.step()
+                if runtime.shards_weights:
+                    rollout.model.load_state_dict(runtime.full_state_dict(wrapped))
                 if sync_weights is not None:
-                    sync_weights(policy)
+                    sync_weights(rollout)
         skipped += not applied
         t3 = time.perf_counter()
 
@@ -683,7 +706,7 @@ def train(
             )
         if config.checkpoint_every and step % config.checkpoint_every == 0 and main:
             checkpoints[step] = _snapshot(
-                policy, mixed_precision=runtime.mixed_precision, checkpointing=checkpointing
+                rollout, mixed_precision=runtime.mixed_precision, checkpointing=checkpointing
             )
             if resume_dir is not None:
                 resume.save_resume_state(
@@ -696,9 +719,12 @@ def train(
                     monitors,
                 )
 
-    policy.model = runtime.finish(wrapped)
-    if checkpointing:
-        disable_gradient_checkpointing(policy.model)
+    if runtime.shards_weights:
+        policy.model = rollout.model  # the full weights, loaded after the last step
+    else:
+        policy.model = runtime.finish(wrapped)
+        if checkpointing:
+            disable_gradient_checkpointing(policy.model)
     policy.model.eval()
     completions = (
         pd.concat(completion_tables, ignore_index=True)
@@ -721,4 +747,5 @@ def train(
         checkpoints=checkpoints,
         completions=completions,
         resumed_from_step=resumed_from,
+        local_parameters=local_parameters,
     )
