@@ -1,26 +1,26 @@
-"""What-if: optimisations the breakdown points to, prototyped here and timed against src.
+"""What-if: the shared-prompt scoring and prefill (in src, ``share_prompts``) on vs off, and
+optimisations the breakdown points to that are still prototypes, timed against src.
 
     python benchmarks/whatif.py [--reps 30] [--threads 0]
 
-None of these is in ``src/`` yet; each is a prototype built from public transformers / torch
-calls, checked to give the same numbers as the current code on the same batch, and timed
+Each is checked to give the same numbers as the code it replaces on the same batch, and timed
 against it in the same process (interleaved, median of ``--reps``) at the default size
 (P = 32 prompts × G = 8, 4 new tokens, the warmed-up base policy):
 
-1. ``shared_prefix_logps``: the teacher-forced log-probs (reference: no grad; policy: forward
-   + backward) run the prompt once per group — P rows, not P·G — and the completion tokens
-   of its G rows on top of that prompt's KV cache (``DynamicCache.batch_repeat_interleave``).
-   Same values and gradients as ``rollout.batch_logprobs``; the token positions processed
-   drop from P·G·(L_prompt + T) to P·L_prompt + P·G·T.
-2. ``shared_prefix_generate``: ``generate`` given a cache of all but the last prompt token,
-   prefilled once per prompt and repeated G times, so its prefill runs P rows, not P·G.
-   Same samples (same seed) as without.
-3. ``gumbel_sampling``: sampling as argmax(logits / T + Gumbel noise) through a logits
-   processor and greedy decoding, instead of ``torch.multinomial`` (whose CPU kernel draws
-   exponentials slowly). Same distribution, different random stream.
-4. ``fused_adamw``: ``torch.optim.AdamW(fused=True)`` vs the default for-loop implementation.
-5. ``cpu_seed``: ``torch.default_generator.manual_seed`` vs ``torch.manual_seed``, which also
-   seeds (lazily, with a stack trace each time) CUDA, XPU and MTIA.
+1. ``shared_prompt_logps`` (src: ``batch_logprobs(..., share_prompts=True)``, the default):
+   the teacher-forced log-probs (reference: no grad; policy: forward + backward) run the prompt
+   once per group — P rows, not P·G — and the completion tokens of its G rows on top of that
+   prompt's KV cache. Against ``share_prompts=False``: the token positions processed drop from
+   P·G·(L_prompt + T) to P·L_prompt + P·G·(T − 1).
+2. ``shared_prompt_generate`` (src: ``HFEngine(share_prompts=True)``, the default): the prefill
+   runs each distinct prompt once and ``generate`` starts from its cache repeated G times.
+   Same samples (same seed) as ``share_prompts=False``.
+3. ``gumbel_sampling`` (prototype): sampling as argmax(logits / T + Gumbel noise) through a
+   logits processor and greedy decoding, instead of ``torch.multinomial`` (whose CPU kernel
+   draws exponentials slowly). Same distribution, different random stream.
+4. ``fused_adamw`` (prototype): ``torch.optim.AdamW(fused=True)`` vs the default for-loop.
+5. ``cpu_seed`` (prototype): ``torch.default_generator.manual_seed`` vs ``torch.manual_seed``,
+   which also seeds (lazily, with a stack trace each time) CUDA, XPU and MTIA.
 
 Writes ``benchmarks/results/whatif.json``.
 """
@@ -36,37 +36,6 @@ from pathlib import Path
 
 import _common as common
 import torch
-
-
-def shared_prefix_logprobs(model, batch, temperature: float, group_size: int):
-    """``batch_logprobs`` with each group's prompt run once (rows of a group share it)."""
-    from fgrpo_pipeline.rollout import _sampled_logps
-
-    prompt_ids = batch.prompt_ids[::group_size]
-    prompt_mask = batch.prompt_mask[::group_size].long()
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    first = out.logits[:, -1:].repeat_interleave(group_size, dim=0)  # predicts token 0
-    completion_ids = batch.completion_ids
-    full_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).long()
-    positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, prompt_ids.shape[1] :]
-    rest = model(
-        input_ids=completion_ids,
-        attention_mask=full_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=completion_ids.shape[1],
-    ).logits[:, :-1]
-    logps = _sampled_logps(torch.cat([first, rest], dim=1), completion_ids, temperature)
-    return torch.where(batch.completion_mask.bool(), logps, torch.zeros_like(logps))
 
 
 def median_ms(fn, reps: int) -> float:
@@ -103,7 +72,7 @@ def main() -> None:  # noqa: PLR0914 - one linear script
 
     transformers.utils.logging.set_verbosity_error()  # the past_key_values rename notice
 
-    from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine
+    from fgrpo_pipeline.rollout import HFEngine, SamplingConfig, batch_logprobs, get_engine
 
     common.set_threads(args.threads)
     load = common.wait_for_quiet(args.max_load)
@@ -128,15 +97,21 @@ def main() -> None:  # noqa: PLR0914 - one linear script
     }
 
     foreign = common.ForeignCpu().__enter__()
-    # 1. shared-prefix teacher forcing -----------------------------------------------------
+
+    # 1. shared-prompt teacher forcing (src) -------------------------------------------------
+    def plain(net):
+        return batch_logprobs(net, batch, temp, share_prompts=False)
+
+    def shared(net):
+        return batch_logprobs(net, batch, temp, share_prompts=True)
+
     with torch.no_grad():
-        full = batch_logprobs(reference, batch, temp)
-        shared = shared_prefix_logprobs(reference, batch, temp, g)
+        full, short = plain(reference), shared(reference)
     model.zero_grad()
-    batch_logprobs(model, batch, temp).sum().backward()
+    plain(model).sum().backward()
     grads = [q.grad.clone() for q in model.parameters()]
     model.zero_grad()
-    shared_prefix_logprobs(model, batch, temp, g).sum().backward()
+    shared(model).sum().backward()
     grad_err = max(
         ((q.grad - r).abs().max() / r.abs().max().clamp(min=1e-12)).item()
         for q, r in zip(model.parameters(), grads, strict=True)
@@ -151,29 +126,27 @@ def main() -> None:  # noqa: PLR0914 - one linear script
 
     timed = interleaved(
         {
-            "reference_current": no_grad(lambda: batch_logprobs(reference, batch, temp)),
-            "reference_shared": no_grad(lambda: shared_prefix_logprobs(reference, batch, temp, g)),
-            "policy_fwd_bwd_current": lambda: batch_logprobs(model, batch, temp).sum().backward(),
-            "policy_fwd_bwd_shared": lambda: (
-                shared_prefix_logprobs(model, batch, temp, g).sum().backward()
-            ),
+            "reference_unshared": no_grad(lambda: plain(reference)),
+            "reference_shared": no_grad(lambda: shared(reference)),
+            "policy_fwd_bwd_unshared": lambda: plain(model).sum().backward(),
+            "policy_fwd_bwd_shared": lambda: shared(model).sum().backward(),
         },
         args.reps,
     )
     lp, lc = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    results["shared_prefix_logps"] = {
-        "max_abs_logp_difference": (full - shared).abs().max().item(),
+    results["shared_prompt_logps"] = {
+        "max_abs_logp_difference": (full - short).abs().max().item(),
         "max_relative_grad_difference": grad_err,
-        "token_positions_current": p * g * (lp + lc),
-        "token_positions_shared": p * lp + p * g * lc,
+        "token_positions_unshared": p * g * (lp + lc),
+        "token_positions_shared": p * lp + p * g * (lc - 1),
         "ms": timed,
-        "saving_ms": timed["reference_current"]
+        "saving_ms": timed["reference_unshared"]
         - timed["reference_shared"]
-        + timed["policy_fwd_bwd_current"]
+        + timed["policy_fwd_bwd_unshared"]
         - timed["policy_fwd_bwd_shared"],
     }
 
-    # 2./3. generation: shared-prefix prefill, Gumbel sampling ------------------------------
+    # 2./3. generation: shared-prompt prefill (src), Gumbel sampling (prototype) --------
     tok = policy.tokenizer
     gen_model = copy.deepcopy(policy.model).eval()
     enc = tok(chosen, return_tensors="pt", padding=True, padding_side="left")
@@ -202,17 +175,6 @@ def main() -> None:  # noqa: PLR0914 - one linear script
             cfg = GenerationConfig(
                 do_sample=True, temperature=temp, top_p=1.0, top_k=0, **common_kw
             )
-        if mode == "shared_prefix":
-            uid, um = enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1]
-            with torch.no_grad():
-                cache = gen_model(
-                    input_ids=uid,
-                    attention_mask=um,
-                    position_ids=(um.cumsum(1) - 1).clamp(min=0),
-                    use_cache=True,
-                ).past_key_values
-            cache.batch_repeat_interleave(g)
-            extra["past_key_values"] = cache
         gen_model.generation_config = cfg
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
@@ -220,25 +182,37 @@ def main() -> None:  # noqa: PLR0914 - one linear script
                 input_ids=ids, attention_mask=mask, generation_config=cfg, **extra
             )
 
+    sampling = SamplingConfig(**config.sampling.__dict__)
+    engines = {"unshared": HFEngine(share_prompts=False), "shared": HFEngine(share_prompts=True)}
+
+    def engine_generate(name: str, seed: int):
+        run = SamplingConfig(**{**sampling.__dict__, "seed": seed})
+        return engines[name].generate(policy, chosen, g, run)
+
     same = [
-        torch.equal(generate("current", s).sequences, generate("shared_prefix", s).sequences)
+        engine_generate("unshared", s).completion_ids.equal(
+            engine_generate("shared", s).completion_ids
+        )
         for s in range(5)
     ]
     seeds = iter(range(10**6))
     timed = interleaved(
         {
-            mode: lambda m=mode: generate(m, next(seeds))
-            for mode in ("current", "shared_prefix", "gumbel")
+            "engine_unshared": lambda: engine_generate("unshared", next(seeds)),
+            "engine_shared": lambda: engine_generate("shared", next(seeds)),
+            "generate_multinomial": lambda: generate("multinomial", next(seeds)),
+            "generate_gumbel": lambda: generate("gumbel", next(seeds)),
         },
         args.reps,
     )
     results["generation"] = {
-        "shared_prefix_same_samples_as_current": all(same),
+        "shared_prompt_same_samples_as_unshared": all(same),
         "ms": timed,
-        "shared_prefix_saving_ms": timed["current"] - timed["shared_prefix"],
-        "gumbel_saving_ms": timed["current"] - timed["gumbel"],
-        "note": "HF generate() with the engine's settings, outside HFEngine (no decode, no "
-        "old_logps): the savings carry over, the absolute times are a little lower",
+        "shared_prompt_saving_ms": timed["engine_unshared"] - timed["engine_shared"],
+        "gumbel_saving_ms": timed["generate_multinomial"] - timed["generate_gumbel"],
+        "note": "engine_*: HFEngine.generate (src), with share_prompts off / on; generate_*: "
+        "HF generate() with the engine's settings outside HFEngine (no shared prefill, "
+        "decode or old_logps), sampling by torch.multinomial vs the Gumbel prototype",
     }
 
     # 4. fused AdamW --------------------------------------------------------------------------
@@ -268,17 +242,17 @@ def main() -> None:  # noqa: PLR0914 - one linear script
     results["foreign_cpu_cores"] = foreign.cores
     results["load_at_end"] = common.load_avg()
 
-    sp = results["shared_prefix_logps"]
+    sp = results["shared_prompt_logps"]
     print(
-        f"shared-prefix log-probs: |Δlogp| {sp['max_abs_logp_difference']:.1e}, rel. |Δgrad| "
+        f"shared-prompt log-probs: |Δlogp| {sp['max_abs_logp_difference']:.1e}, rel. |Δgrad| "
         f"{sp['max_relative_grad_difference']:.1e}; token positions "
-        f"{sp['token_positions_current']} → {sp['token_positions_shared']}"
+        f"{sp['token_positions_unshared']} → {sp['token_positions_shared']}"
     )
     for name, ms in sp["ms"].items():
         print(f"  {name:<26}{ms:8.2f} ms")
     gen = results["generation"]
-    same = gen["shared_prefix_same_samples_as_current"]
-    print(f"generation (same samples with the shared prefix: {same})")
+    same = gen["shared_prompt_same_samples_as_unshared"]
+    print(f"generation (same samples with the shared prompt: {same})")
     for name, ms in gen["ms"].items():
         print(f"  {name:<26}{ms:8.2f} ms")
     for key in ("adamw", "seeding"):
