@@ -10,8 +10,9 @@ steps and a rerun continues from the latest one, ending as the uninterrupted run
 Launched in several processes (``accelerate launch --multi_gpu --num_processes N``, or
 torchrun; see :mod:`fgrpo_pipeline.distributed` and :mod:`fgrpo_pipeline.launch`) the loop runs
 data-parallel: each rank samples whole groups for its share of the step's prompts, gradients
-are averaged by DDP and the metrics are computed from all ranks' values. One process runs the
-loop exactly as before, without accelerate.
+are averaged by DDP (or FSDP, which also shards weights and optimiser state; rollouts then run
+on a full copy of the weights reloaded after every step) and the metrics are computed from all
+ranks' values. One process runs the loop exactly as before, without accelerate.
 """
 
 from __future__ import annotations
