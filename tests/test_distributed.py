@@ -107,10 +107,9 @@ def inputs(tmp_path_factory):
     return folder, prompts
 
 
-@pytest.fixture(scope="module")
-def two_process_run(inputs, tmp_path_factory):
-    folder, _ = inputs
-    out = tmp_path_factory.mktemp("run")
+def files_run(folder: Path, out: Path, *sets: str, launch: list[str] = LAUNCH_FLAGS) -> list[dict]:
+    """``launch files`` on the ``inputs`` with ``--set`` overrides, rollouts recorded; returns
+    the ranks' reports."""
     seconds = accelerate_launch(
         [
             "files",
@@ -120,17 +119,22 @@ def two_process_run(inputs, tmp_path_factory):
             str(folder / "prompts.parquet"),
             "--params",
             str(folder / "params.yml"),
-            "--set",
-            f"resume_dir={out / 'resume'}",
             "--output",
             str(out),
             "--record-rollouts",
+            *(arg for value in sets for arg in ("--set", value)),
         ],
         cwd=out,
+        launch=launch,
     )
     print(f"2-process launch: {seconds:.1f} s")
-    ranks = [json.loads((out / f"rank_{r:03d}.json").read_text()) for r in range(PROCESSES)]
-    return out, ranks
+    return [json.loads((out / f"rank_{r:03d}.json").read_text()) for r in range(PROCESSES)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, files_run(inputs[0], out, f"resume_dir={out / 'resume'}")
 
 
 def test_both_ranks_run_and_end_with_identical_weights(inputs, two_process_run):
@@ -212,24 +216,7 @@ def launch_fsdp(folder: Path, out: Path, version: int, *sets: str) -> list[dict]
         config["fsdp_config"] |= {"fsdp_use_orig_params": True, "fsdp_sharding_strategy": 1}
         del config["fsdp_config"]["fsdp_reshard_after_forward"]
     (out / "accelerate.yaml").write_text(yaml.safe_dump(config))
-    accelerate_launch(
-        [
-            "files",
-            "--policy",
-            str(folder / "policy"),
-            "--prompts",
-            str(folder / "prompts.parquet"),
-            "--params",
-            str(folder / "params.yml"),
-            "--output",
-            str(out),
-            "--record-rollouts",
-            *(arg for value in sets for arg in ("--set", value)),
-        ],
-        cwd=out,
-        launch=["--config_file", str(out / "accelerate.yaml")],
-    )
-    return [json.loads((out / f"rank_{r:03d}.json").read_text()) for r in range(PROCESSES)]
+    return files_run(folder, out, *sets, launch=["--config_file", str(out / "accelerate.yaml")])
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["fsdp2", "fsdp1"])

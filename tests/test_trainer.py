@@ -182,3 +182,12 @@ def test_f_hal_without_preferences_is_an_error(policy, prompts):
 def test_bad_training_parameters(overrides, message):
     with pytest.raises(ValueError, match=message):
         config(**overrides)
+
+
+def test_a_redirected_progress_bar_writes_a_line_a_second_not_one_per_step(
+    policy, prompts, capsys
+):
+    # the per-step postfix must not force a redraw: a log file would get every step
+    train(policy, prompts, config(steps=40), progress=True)
+    drawn = capsys.readouterr().err.count("train f_grpo")
+    assert 1 <= drawn < 10, drawn

@@ -221,7 +221,11 @@ def train_reward_model(
             history.append(
                 {"step": step, "loss": loss.item(), "accuracy": _accuracy(margins.detach())}
             )
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.2f}")
+            bar.set_postfix(
+                loss=f"{history[-1]['loss']:.3f}",
+                acc=f"{history[-1]['accuracy']:.2f}",
+                refresh=False,
+            )
     finally:
         model.train(was_training)
     return history

@@ -687,7 +687,10 @@ def train(
         rows.append(row)
         if on_step is not None and main:
             on_step(step, row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}")
+        # refresh=False: the bar redraws at its own pace (mininterval), not once per step
+        bar.set_postfix(
+            reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}", refresh=False
+        )
 
         if config.log_completions_every and step % config.log_completions_every == 0:
             parts = runtime.gather_objects(

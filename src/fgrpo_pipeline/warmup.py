@@ -118,7 +118,7 @@ def supervised_warmup(
             optimizer.step()
             history.append({"step": step, "loss": loss.item(), "lr": schedule.get_last_lr()[0]})
             schedule.step()
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     finally:
         model.train(was_training)
     return history
