@@ -222,13 +222,13 @@ def launch_fsdp(folder: Path, out: Path, version: int, *sets: str) -> list[dict]
 @pytest.fixture(scope="module", params=[2, 1], ids=["fsdp2", "fsdp1"])
 def fsdp_run(request, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"fsdp{request.param}")
-    return out, launch_fsdp(inputs[0], out, request.param)
+    return out, launch_fsdp(inputs[0], out, request.param), request.param
 
 
 def test_fsdp_trains_as_ddp_does_with_the_weights_sharded(inputs, fsdp_run, two_process_run):
     # Each rank holds half the weights, gradients and optimiser state; rollouts run on a full
     # copy gathered after every step. Same rollouts and (to float rounding) weights as DDP.
-    out, ranks = fsdp_run
+    out, ranks, _ = fsdp_run
     ddp_out, ddp_ranks = two_process_run
     total = sum(p.numel() for p in load_policy(inputs[0] / "policy").model.parameters())
     assert [r["local_parameters"] for r in ddp_ranks] == [total, total]
@@ -249,6 +249,22 @@ def test_fsdp_trains_as_ddp_does_with_the_weights_sharded(inputs, fsdp_run, two_
     fsdp_metrics, ddp_metrics = (pd.read_csv(o / "metrics.csv") for o in (out, ddp_out))
     assert fsdp_metrics["reward_mean"].tolist() == ddp_metrics["reward_mean"].tolist()
     assert fsdp_metrics["loss"].tolist() == pytest.approx(ddp_metrics["loss"].tolist(), abs=1e-6)
+
+
+def test_an_fsdp_run_resumes_to_the_uninterrupted_result(inputs, fsdp_run, tmp_path):
+    # the optimiser state is gathered from the shards into the resume state, and shared out
+    # again on loading: stopped after step 2 and rerun, the run ends as the one that was not
+    out, ranks, version = fsdp_run
+    resume_dir, first, second = tmp_path / "resume", tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    sets = (f"resume_dir={resume_dir}", "checkpoint_every=1")
+    launch_fsdp(inputs[0], first, version, *sets, "steps=2")
+    resumed = launch_fsdp(inputs[0], second, version, *sets)
+    assert [call["step"] for call in resumed[0]["rollouts"]] == [3]  # only step 3 ran
+    assert [r["weights_sha256"] for r in resumed] == [r["weights_sha256"] for r in ranks]
+    metrics, uninterrupted = (pd.read_csv(o / "metrics.csv") for o in (second, out))
+    columns = [c for c in metrics if not c.startswith("time_") and c != "tokens_per_second"]
+    pd.testing.assert_frame_equal(metrics[columns], uninterrupted[columns])
 
 
 def test_fsdp_trains_a_lora_adapter_against_the_base_with_the_adapter_off(inputs, tmp_path):

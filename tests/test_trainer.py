@@ -184,9 +184,7 @@ def test_bad_training_parameters(overrides, message):
         config(**overrides)
 
 
-def test_a_redirected_progress_bar_writes_a_line_a_second_not_one_per_step(
-    policy, prompts, capsys
-):
+def test_a_redirected_progress_bar_writes_a_line_a_second_not_one_per_step(policy, prompts, capsys):
     # the per-step postfix must not force a redraw: a log file would get every step
     train(policy, prompts, config(steps=40), progress=True)
     drawn = capsys.readouterr().err.count("train f_grpo")

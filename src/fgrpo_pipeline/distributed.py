@@ -198,6 +198,16 @@ class Runtime:
         """The prepared model's full (unsharded) weights, on every process."""
         return model.state_dict()
 
+    def full_optimizer_state(self, model: nn.Module, optimizer) -> dict[str, Any]:
+        """The optimiser's full state_dict (under FSDP gathered from the shards: every
+        process must call it)."""
+        return optimizer.state_dict()
+
+    def load_full_optimizer_state(self, model: nn.Module, optimizer, state) -> None:
+        """Load what :meth:`full_optimizer_state` returned (under FSDP: after ``prepare``,
+        each process keeping its shard)."""
+        optimizer.load_state_dict(state)
+
 
 def destroy_process_group() -> None:
     """End this process's torch.distributed group, if any: a process group left alive makes
@@ -213,6 +223,11 @@ def destroy_process_group() -> None:
 
 
 _EXIT_HOOK: list[bool] = []
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimiser inside accelerate's ``AcceleratedOptimizer`` wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _cpu_fsdp_plugin():
@@ -389,6 +404,31 @@ class AccelerateRuntime(Runtime):
         # still in use (a segfault, measured with torch 2.13); on GPUs it keeps the copy there
         options = StateDictOptions(full_state_dict=True, cpu_offload=False)
         return get_model_state_dict(model, options=options)
+
+    def full_optimizer_state(self, model: nn.Module, optimizer) -> dict[str, Any]:
+        if not self.shards_weights:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        return get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=options)
+
+    def load_full_optimizer_state(self, model: nn.Module, optimizer, state) -> None:
+        if not self.shards_weights:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(
+            model, _torch_optimizer(optimizer), optim_state_dict=state, options=options
+        )
 
     def finish(self, model: nn.Module) -> nn.Module:
         # not unwrap_model(keep_fp32_wrapper=False): it unwraps the forward down to the

@@ -36,7 +36,8 @@ RESUME_FREE_KEYS = ("steps", "checkpoint_every", "num_threads")
 #
 # resume_dir/step_000040/   the latest state (older ones are removed once a newer one is in place)
 #     model.pt              the policy's state_dict
-#     optimizer.pt          the AdamW state_dict
+#     optimizer.pt          the AdamW state_dict (under FSDP its full, unsharded form, keyed by
+#                           parameter name)
 #     trainer_state.pt      step, skipped-step count, RNG states, monitors' state_dicts
 #     metrics.json          the metrics rows of steps 1..step
 #     completions.json      the logged completion tables so far (one dict of columns each)
@@ -279,26 +280,30 @@ class ResumeState:
     skipped: int
     rows: list[dict[str, Any]]
     completion_tables: list[pd.DataFrame]
+    # the optimiser's state_dict as saved; loaded by the caller, which knows when it can be
+    # (a plain optimiser at once, a sharded one once FSDP has prepared it)
+    optimizer_state: dict[str, Any] | None = None
 
 
 def save_resume_state(
     resume_dir: Path,
     fingerprint: Mapping[str, Any],
     state: ResumeState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: Mapping[str, torch.Tensor],
+    optimizer_state: Mapping[str, Any],
     gen: torch.Generator,
     monitors: Sequence[StepMonitor],
 ) -> Path:
     """Write ``resume_dir/step_XXXXXX`` atomically (staged beside it, then renamed), then
-    remove the older states."""
+    remove the older states. ``model_state`` / ``optimizer_state``: the full (unsharded)
+    state dicts."""
     resume_dir.mkdir(parents=True, exist_ok=True)
     target = resume_dir / f"step_{state.step:06d}"
     staging = resume_dir / f"{_STAGING}{target.name}-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        torch.save(model.state_dict(), staging / "model.pt")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(dict(model_state), staging / "model.pt")
+        torch.save(dict(optimizer_state), staging / "optimizer.pt")
         torch.save(
             {
                 "step": state.step,
@@ -335,21 +340,18 @@ def load_resume_state(
     path: Path,
     fingerprint: Mapping[str, Any],
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     gen: torch.Generator,
     monitors: Sequence[StepMonitor],
 ) -> ResumeState:
-    """Check ``path`` belongs to this run, then restore the model, optimiser, RNGs and
-    monitors from it; returns the step counter, rows and tables to continue from."""
+    """Check ``path`` belongs to this run, then restore the model, RNGs and monitors from
+    it; returns the step counter, rows, tables and the optimiser state to continue from."""
     missing = [name for name in _STATE_FILES if not (path / name).is_file()]
     if missing:
         raise ValueError(f"resume state {path} is incomplete: {', '.join(missing)} missing")
     _checkfingerprint(json.loads((path / "fingerprint.json").read_text()), fingerprint, path)
     saved = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    )
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     _set_rng_states(saved["rng"], gen)
     for monitor, monitor_state in zip(monitors, saved["monitors"], strict=True):
         if _stateful(monitor):
@@ -366,4 +368,5 @@ def load_resume_state(
         skipped=saved["skipped"],
         rows=json.loads((path / "metrics.json").read_text()),
         completion_tables=[pd.DataFrame(table) for table in tables],
+        optimizer_state=optimizer_state,
     )

@@ -465,11 +465,8 @@ def train(
         _fingerprint_config(fingerprint, n_procs)
     runtime = make_runtime(config.mixed_precision, micro_batches=config.micro_batch_size > 0)
     if runtime.shards_weights and resume_dir is not None:
-        raise ValueError(
-            "training parameter 'resume_dir' under FSDP: resume states hold full optimiser "
-            "states, which the trainer does not gather from FSDP's shards yet; use DDP to "
-            "resume, or FSDP without resume_dir (checkpoint_every still saves the policy)"
-        )
+        # its optimiser state is saved by parameter name (gathered from the shards)
+        fingerprint["config"]["sharded_weights"] = True
     rank, main = runtime.process_index, runtime.is_main
     distributed = runtime.num_processes > 1
     if config.num_threads:
@@ -507,13 +504,18 @@ def train(
     completion_tables: list[pd.DataFrame] = []
     skipped = 0
     resumed_from = 0
+    optimizer_state = None  # a resumed optimiser state that waits for FSDP's prepare
     if resume_dir is not None:
         if main:
             resume.sweep_staging(resume_dir)
         runtime.wait()
         if states := resume.resume_states(resume_dir):
             path = states[-1][1]
-            state = resume.load_resume_state(path, fingerprint, model, optimizer, gen, monitors)
+            state = resume.load_resume_state(path, fingerprint, model, gen, monitors)
+            if runtime.shards_weights:
+                optimizer_state = state.optimizer_state
+            else:
+                optimizer.load_state_dict(state.optimizer_state)
             if state.step > config.steps:
                 raise ValueError(
                     f"checkpoint {path} is at step {state.step}, past this run's "
@@ -536,6 +538,8 @@ def train(
     # Forward passes with grad go through the wrapped (DDP) model; rollouts, the reference
     # and no-grad passes use the plain one. A single process: the same model.
     wrapped, optimizer = runtime.prepare(model, optimizer)
+    if optimizer_state is not None:
+        runtime.load_full_optimizer_state(wrapped, optimizer, optimizer_state)
     local_parameters = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() for p in wrapped.parameters()
     )
@@ -708,17 +712,21 @@ def train(
                     {"step": step} | {key: sum((p[key] for p in parts), []) for key in parts[0]}
                 )
             )
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and main:
-            checkpoints[step] = _snapshot(
-                rollout, mixed_precision=runtime.mixed_precision, checkpointing=checkpointing
-            )
-            if resume_dir is not None:
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            saving = resume_dir is not None and (main or runtime.shards_weights)
+            # under FSDP every rank takes part in gathering the optimiser state
+            state_of_optimizer = runtime.full_optimizer_state(wrapped, optimizer) if saving else {}
+            if main:
+                checkpoints[step] = _snapshot(
+                    rollout, mixed_precision=runtime.mixed_precision, checkpointing=checkpointing
+                )
+            if main and resume_dir is not None:
                 resume.save_resume_state(
                     resume_dir,
                     fingerprint,
                     resume.ResumeState(step, skipped, rows, completion_tables),
-                    model,
-                    optimizer,
+                    rollout.model.state_dict(),  # full weights (the model itself unless FSDP)
+                    state_of_optimizer,
                     gen,
                     monitors,
                 )
