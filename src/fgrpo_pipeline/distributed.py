@@ -394,7 +394,7 @@ class AccelerateRuntime(Runtime):
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         if not self.shards_weights:
-            return self.accelerator.unwrap_model(model).state_dict()
+            return super().full_state_dict(self.accelerator.unwrap_model(model))
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -407,7 +407,7 @@ class AccelerateRuntime(Runtime):
 
     def full_optimizer_state(self, model: nn.Module, optimizer) -> dict[str, Any]:
         if not self.shards_weights:
-            return optimizer.state_dict()
+            return super().full_optimizer_state(model, optimizer)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_optimizer_state_dict,
@@ -418,8 +418,7 @@ class AccelerateRuntime(Runtime):
 
     def load_full_optimizer_state(self, model: nn.Module, optimizer, state) -> None:
         if not self.shards_weights:
-            optimizer.load_state_dict(state)
-            return
+            return super().load_full_optimizer_state(model, optimizer, state)
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,

@@ -504,7 +504,7 @@ def train(
     completion_tables: list[pd.DataFrame] = []
     skipped = 0
     resumed_from = 0
-    optimizer_state = None  # a resumed optimiser state that waits for FSDP's prepare
+    optimizer_state = None  # a resumed one, loaded once prepared (FSDP shares it out then)
     if resume_dir is not None:
         if main:
             resume.sweep_staging(resume_dir)
@@ -512,10 +512,7 @@ def train(
         if states := resume.resume_states(resume_dir):
             path = states[-1][1]
             state = resume.load_resume_state(path, fingerprint, model, gen, monitors)
-            if runtime.shards_weights:
-                optimizer_state = state.optimizer_state
-            else:
-                optimizer.load_state_dict(state.optimizer_state)
+            optimizer_state = state.optimizer_state
             if state.step > config.steps:
                 raise ValueError(
                     f"checkpoint {path} is at step {state.step}, past this run's "
