@@ -14,6 +14,7 @@ UPSTREAM = ("data_preparation", "base_policy", "rollout_generation", "reward_lab
 PROMPTS = "data/03_primary/prompts.parquet"
 ROLLOUTS = "data/05_model_input/rollouts.parquet"
 ALIGNED = "data/05_model_input/aligned.parquet"
+UNALIGNED = "data/05_model_input/unaligned.parquet"
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,12 @@ def _drop_completion(t):
     return t.drop(columns=["completion"])
 
 
+def _neutral_unaligned_row(t):
+    # what the old rule (a ≤ 0) put in the unaligned split: a row with advantage 0
+    t.loc[1, "advantage"] = 0.0
+    return t
+
+
 # (id, file to edit and how, pipeline, runtime params, message pattern)
 MATRIX = [
     (
@@ -132,6 +139,13 @@ MATRIX = [
         "training",
         {"training": {"loss": "fdo"}},
         r"aligned .*missing column\(s\) \['completion'\]",
+    ),
+    (
+        "neutral row in the unaligned split",
+        (UNALIGNED, _neutral_unaligned_row),
+        "training",
+        {},
+        r"unaligned \(.*/unaligned.parquet\): column 'advantage', row 1: 0.0 is not < 0",
     ),
     (
         "G < 2",

@@ -1,5 +1,7 @@
 """Behaviour of the alignment losses: gradient signs, reductions, baselines, bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -32,6 +34,26 @@ def _batch(seed=0, n_groups=3, flat_group=True):
     ref = -5.0 + torch.randn(n_groups * G, generator=gen, dtype=torch.float64)
     logps = (ref + 0.5 * torch.randn(n_groups * G, generator=gen, dtype=torch.float64)).clone()
     return logps.requires_grad_(True), ref, rewards.double()
+
+
+def _loop_estimate(critic, conj, adv, w=None):
+    """The divergence estimate the loss optimises, by loops: per group with both sides,
+    the |a|·w-weighted mean of g(s) over a > 0 minus that of f*(g(s)) over a < 0; the mean
+    over those groups."""
+    w = torch.ones_like(adv) if w is None else w
+    estimates = []
+    for start in range(0, len(adv), G):
+        rows = range(start, start + G)
+        pos = [i for i in rows if adv[i] > 0]
+        neg = [i for i in rows if adv[i] < 0]
+        if not pos or not neg:
+            continue
+        wp = [abs(adv[i].item()) * w[i].item() for i in pos]
+        wn = [abs(adv[i].item()) * w[i].item() for i in neg]
+        e_pos = sum(x * critic[i].item() for x, i in zip(wp, pos, strict=True)) / sum(wp)
+        e_neg = sum(x * conj[i].item() for x, i in zip(wn, neg, strict=True)) / sum(wn)
+        estimates.append(e_pos - e_neg)
+    return sum(estimates) / len(estimates)
 
 
 @pytest.mark.parametrize("weights", ["uniform", "snis"])
@@ -68,8 +90,9 @@ def test_f_grpo_value_matches_the_formula(name):
     psi = torch.where(adv > 0, div.link(s), div.conjugate_of_link(s))
     expected = -(1 + 1 / beta) * (adv * psi).view(-1, G).sum(1).mean()
     torch.testing.assert_close(out.loss, expected)
-    aligned_mean = div.link(s)[adv > 0].mean() - div.conjugate_of_link(s)[adv <= 0].mean()
-    assert out.metrics["divergence_estimate"] == pytest.approx(aligned_mean.item())
+    assert out.metrics["divergence_estimate"] == pytest.approx(
+        _loop_estimate(div.link(s), div.conjugate_of_link(s), adv)
+    )
 
 
 def test_f_grpo_is_invariant_to_group_order_and_scales_with_groups():
@@ -479,3 +502,158 @@ def test_a_rank_whose_groups_are_all_flat_still_takes_part(name):
 def test_given_counts_are_checked(call, message):
     with pytest.raises(ValueError, match=f"{message} must be a finite count"):
         call(torch.zeros(2, dtype=torch.float64))
+
+
+# ------------------------------------------------ review defects (each failed before its fix)
+
+
+def _grpo_inputs(width_pad=0, **extra):
+    gen = torch.Generator().manual_seed(0)
+    logps = -torch.rand(4, 3, generator=gen)
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    pad = torch.zeros(4, width_pad)
+    return LossInputs(
+        logps=torch.cat([logps, pad], 1).requires_grad_(True),
+        ref_logps=torch.cat([logps - 0.2, pad], 1),
+        old_logps=torch.cat([logps - 0.1, pad], 1),
+        mask=torch.cat([mask, pad], 1),
+        advantages=torch.tensor([1.0, -1.0, 0.9, -0.2]),
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        group_size=4,
+        **extra,
+    )
+
+
+def test_dr_grpo_divides_by_the_configured_length_not_the_batch_width():
+    cfg = LossConfig(name="grpo", aggregation="dr_grpo")
+    narrow = get_loss("grpo")(_grpo_inputs(max_completion_length=8), cfg).loss
+    wide = get_loss("grpo")(_grpo_inputs(width_pad=2, max_completion_length=8), cfg).loss
+    torch.testing.assert_close(narrow, wide)  # the same sequences, padded wider
+    inputs = _grpo_inputs()
+    ratio = torch.exp(inputs.logps - inputs.old_logps).detach()
+    adv = inputs.advantages.unsqueeze(1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    torch.testing.assert_close(narrow, (per_token * inputs.mask).sum() / (4 * 8))
+    with pytest.raises(ValueError, match="max_completion_length=2 is shorter"):
+        get_loss("grpo")(_grpo_inputs(max_completion_length=2), cfg)
+
+
+def test_divergence_estimate_leaves_out_zero_spread_rows():
+    logps, ref, rewards = _batch()  # the last group is flat
+    adv = group_advantages(rewards, G)
+    out = f_grpo_loss(logps, ref, adv, divergence="kl", group_size=G)
+    spread = f_grpo_loss(logps[:-G], ref[:-G], adv[:-G], divergence="kl", group_size=G)
+    assert out.metrics["divergence_estimate"] == pytest.approx(
+        spread.metrics["divergence_estimate"]
+    )
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergence_estimate_uses_the_snis_weights(name):
+    from fgrpo_pipeline.divergences import get_divergence
+
+    logps, ref, rewards = _batch(flat_group=False)
+    adv = group_advantages(rewards, G)
+    out = f_grpo_loss(logps, ref, adv, divergence=name, group_size=G, weights="snis")
+    div = get_divergence(name)
+    s = (0.1 * (logps - ref)).detach()
+    old = logps.detach()
+    w = torch.zeros_like(adv)
+    for start in range(0, len(adv), G):
+        rows = slice(start, start + G)
+        for side, sign in ((adv[rows] > 0, 1.0), (adv[rows] < 0, -1.0)):
+            scores = sign * adv[rows] - old[rows]  # r_j is the advantage: no rewards given
+            e = torch.where(side, scores.exp(), torch.zeros_like(scores))
+            w[rows] += e / e.sum() if side.any() else 0.0
+    expected = _loop_estimate(div.link(s), div.conjugate_of_link(s), adv, w)
+    assert out.metrics["divergence_estimate"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_grpo_uses_the_importance_weights_on_the_policy_term_only():
+    cfg = LossConfig(name="grpo", kl_coef=0.0)
+    weights = torch.full((4, 3), 0.5)
+    half = get_loss("grpo")(_grpo_inputs(is_weights=weights), cfg).loss
+    full = get_loss("grpo")(_grpo_inputs(), cfg).loss
+    torch.testing.assert_close(half, 0.5 * full)
+    kl = LossConfig(name="grpo", kl_coef=0.1)
+    k_half = get_loss("grpo")(_grpo_inputs(is_weights=weights), kl).loss
+    k_full = get_loss("grpo")(_grpo_inputs(), kl).loss
+    torch.testing.assert_close(k_full - k_half, 0.5 * full)  # the KL term is not weighted
+
+
+def test_truncated_importance_weights_cap_and_report():
+    from fgrpo_pipeline.losses import truncated_importance_weights
+
+    old = torch.zeros(2, 3)
+    engine = torch.tensor([[0.0, -1.0, 1.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    w, metrics = truncated_importance_weights(old, engine, mask, cap=2.0)
+    expected = torch.tensor([[1.0, 2.0, math.exp(-1)], [math.exp(0.5), 1, 1]])
+    torch.testing.assert_close(w, expected)
+    assert metrics["is_frac_capped"] == pytest.approx(0.25)
+    assert metrics["is_ratio_mean"] == pytest.approx(
+        (1 + math.e + math.exp(-1) + math.exp(0.5)) / 4
+    )
+    with pytest.raises(ValueError, match="cap must be a finite number ≥ 1"):
+        truncated_importance_weights(old, engine, mask, cap=0.5)
+
+
+def test_epsilon_high_widens_the_upper_clip_only():
+    logps = torch.zeros(2, 1, requires_grad=True)
+    old = torch.tensor([[-0.25], [0.25]])  # ratios e^0.25 ≈ 1.28 and e^-0.25 ≈ 0.78
+    mask, adv = torch.ones(2, 1), torch.tensor([1.0, -1.0])
+    sym = grpo_loss(logps, old, adv, mask, epsilon=0.2)
+    wide = grpo_loss(logps, old, adv, mask, epsilon=0.2, epsilon_high=0.3)
+    assert sym.metrics["clip_fraction"] == pytest.approx(1.0)
+    assert wide.metrics["clip_fraction"] == pytest.approx(0.5)  # 1.28 < 1.3 is kept
+    (grad,) = torch.autograd.grad(wide.loss, logps)
+    assert grad[0, 0] < 0 and grad[1, 0] == 0  # the aligned token still pushed up
+
+
+def test_grpo_drop_zero_spread_equals_the_loss_of_the_spread_groups_alone():
+    gen = torch.Generator().manual_seed(1)
+    logps = -torch.rand(8, 3, generator=gen)
+    mask = torch.ones(8, 3)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0])  # group 2 flat
+
+    def inputs(rows):
+        return LossInputs(
+            logps=logps[rows],
+            ref_logps=logps[rows] - 0.3,
+            old_logps=logps[rows] - 0.1,
+            mask=mask[rows],
+            advantages=adv[rows],
+            rewards=adv[rows],
+            group_size=4,
+            max_completion_length=3,
+        )
+
+    for aggregation in ("grpo", "dr_grpo", "dapo"):
+        dropped = get_loss("grpo")(
+            inputs(slice(None)),
+            LossConfig(name="grpo", aggregation=aggregation, kl_coef=0.1, drop_zero_spread=True),
+        )
+        alone = get_loss("grpo")(
+            inputs(slice(0, 4)), LossConfig(name="grpo", aggregation=aggregation, kl_coef=0.1)
+        )
+        torch.testing.assert_close(dropped.loss, alone.loss)
+        assert dropped.metrics["dropped_groups"] == 1
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_balanced_f_hal_terms_are_per_sample_means_and_sum_to_the_loss(name):
+    logps, ref, rewards = _batch()
+    adv = group_advantages(rewards, G)
+    gen = torch.Generator().manual_seed(3)
+    c, r = -5 + torch.randn(5, generator=gen), -5 + torch.randn(7, generator=gen)
+    offline = (c.clone().requires_grad_(True), c - 0.2, r.clone().requires_grad_(True), r + 0.1)
+    out = f_hal_loss(
+        logps, ref, adv, *offline, divergence=name, lam=0.3, group_size=G, hal_scaling="balanced"
+    )
+    torch.testing.assert_close(out.terms["online"] + out.terms["offline"], out.loss)
+    online = f_grpo_loss(logps, ref, adv, divergence=name, group_size=G, scaling="balanced")
+    # the balanced online term is minus the divergence estimate the metric reports
+    assert online.loss.item() == pytest.approx(-online.metrics["divergence_estimate"])
+    torch.testing.assert_close(out.terms["online"], 0.7 * online.loss)
+    fdo = fdo_loss(*offline, divergence=name)
+    torch.testing.assert_close(out.terms["offline"], 0.3 * fdo.loss)

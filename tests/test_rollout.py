@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from transformers.generation.logits_process import TopPLogitsWarper
 
 from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.rollout import (
@@ -11,7 +14,9 @@ from fgrpo_pipeline.rollout import (
     HFEngine,
     RolloutBatch,
     SamplingConfig,
+    _sampled_logps,
     get_engine,
+    nucleus_mask,
     token_logprobs,
 )
 from tests.conftest import ENGINE_PROMPTS as PROMPTS
@@ -28,7 +33,9 @@ def _generate(policy, prompts=PROMPTS, group_size=3, **sampling) -> RolloutBatch
     return get_engine("hf").generate(policy, prompts, group_size, SamplingConfig(**sampling))
 
 
-def _recompute(policy, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+def _recompute(
+    policy, batch: RolloutBatch, temperature: float = 1.0, top_p: float = 1.0
+) -> torch.Tensor:
     with torch.no_grad():
         return token_logprobs(
             policy.model,
@@ -37,6 +44,7 @@ def _recompute(policy, batch: RolloutBatch, temperature: float = 1.0) -> torch.T
             batch.completion_ids,
             batch.completion_mask,
             temperature=temperature,
+            top_p=top_p,
         )
 
 
@@ -180,7 +188,9 @@ def test_generate_leaves_global_rng_and_train_mode_untouched(policy):
 def test_old_logps_equal_teacher_forced_logprobs(policy, sampling):
     batch = _generate(policy, group_size=4, **sampling)
     assert batch.prompt_mask.eq(0).any(), "the check needs left-padded prompts"
-    recomputed = _recompute(policy, batch, temperature=sampling["temperature"])
+    recomputed = _recompute(
+        policy, batch, temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0)
+    )
     torch.testing.assert_close(recomputed, batch.old_logps, atol=1e-4, rtol=0)
 
 
@@ -188,6 +198,113 @@ def test_old_logps_match_for_an_untrained_high_entropy_policy():
     fresh = build_tiny_policy(build_char_tokenizer(), seed=5, **TINY)
     batch = _generate(fresh, group_size=2, max_new_tokens=8)
     torch.testing.assert_close(_recompute(fresh, batch), batch.old_logps, atol=1e-4, rtol=0)
+
+
+# --- top-p: old_logps of the nucleus actually sampled from ----------------------------------
+
+
+def _teacher_forced_logits(policy, batch: RolloutBatch) -> torch.Tensor:
+    """[N, T, V] logits predicting each completion token, from one plain forward pass."""
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).long()
+    with torch.no_grad():
+        logits = policy.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+            use_cache=False,
+        ).logits
+    n_prompt, n_completion = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    return logits[:, n_prompt - 1 : n_prompt - 1 + n_completion]
+
+
+def _brute_force_nucleus(logits: list[float], temperature: float, top_p: float):
+    """Per the TopPLogitsWarper rule, in plain Python floats: (kept token ids, their
+    renormalised probabilities, the smallest distance of a cumulative probability from the
+    cut 1 − top_p)."""
+    scaled = [x / temperature for x in logits]
+    top = max(scaled)
+    weights = [math.exp(x - top) for x in scaled]
+    total = sum(weights)
+    probs = [w / total for w in weights]
+    ascending = sorted(range(len(probs)), key=lambda i: probs[i])
+    kept, cumulative, margin = [], 0.0, math.inf
+    for rank, token in enumerate(ascending):
+        cumulative += probs[token]
+        margin = min(margin, abs(cumulative - (1 - top_p)))
+        if cumulative > 1 - top_p or rank == len(ascending) - 1:
+            kept.append(token)
+    mass = sum(probs[t] for t in kept)
+    return set(kept), {t: probs[t] / mass for t in kept}, margin
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    """High entropy: its nuclei hold many tokens and cut off a good part of the mass."""
+    return build_tiny_policy(build_char_tokenizer(), seed=5, **TINY)
+
+
+@pytest.mark.parametrize("which", ["warmed", "untrained"])
+def test_top_p_old_logps_are_log_probs_of_the_nucleus_sampled_from(policy, untrained, which):
+    model = policy if which == "warmed" else untrained
+    temperature, top_p = 0.9, 0.7
+    batch = _generate(model, group_size=4, temperature=temperature, top_p=top_p, seed=0)
+    logits = _teacher_forced_logits(model, batch)
+    cut_off = 0
+    for r in range(len(batch)):
+        for t in range(int(batch.lengths[r])):
+            token = int(batch.completion_ids[r, t])
+            kept, renormalised, margin = _brute_force_nucleus(
+                logits[r, t].double().tolist(), temperature, top_p
+            )
+            assert margin > 1e-5, "a cumulative probability on the cut: rounding could decide"
+            assert token in kept, (r, t)
+            assert batch.old_logps[r, t].item() == pytest.approx(
+                math.log(renormalised[token]), abs=1e-4
+            )
+            full = torch.log_softmax(logits[r, t].double() / temperature, dim=-1)[token]
+            cut_off += math.log(renormalised[token]) - full.item() > 1e-3
+    # the nucleus did cut: these are not the full-vocabulary log-probs
+    assert cut_off > 0
+    assert (batch.old_logps[batch.completion_mask == 0] == 0).all()
+
+    # with top_p = 1 nothing is cut: the plain log_softmax(logits / T)
+    plain = _generate(model, group_size=4, temperature=temperature, seed=0)
+    logits = _teacher_forced_logits(model, plain)
+    expected = torch.log_softmax(logits.double() / temperature, dim=-1)
+    expected = expected.gather(-1, plain.completion_ids.unsqueeze(-1)).squeeze(-1)
+    expected = torch.where(plain.completion_mask.bool(), expected, torch.zeros_like(expected))
+    torch.testing.assert_close(plain.old_logps.double(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("top_p", [0.5, 0.7, 0.95])
+def test_the_truncated_distribution_sums_to_one_over_the_nucleus(untrained, temperature, top_p):
+    """Each step's distribution: probability 1 in total on the nucleus transformers keeps,
+    0 outside it, and the nucleus the smallest set of top tokens holding ≥ top_p."""
+    encoded = untrained.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        logits = untrained.model(**encoded).logits[:, -3:].reshape(-1, len(untrained.tokenizer))
+    n, v = logits.shape
+    # every token of the vocabulary as the "sampled" one, at each of the n steps
+    probs = _sampled_logps(
+        logits.unsqueeze(1).expand(n, v, v), torch.arange(v).expand(n, v), temperature, top_p
+    ).exp()
+    scaled = logits.float() / temperature
+    kept = nucleus_mask(scaled, top_p)
+    # the very nucleus transformers' warper keeps (it leaves kept logits finite)
+    assert torch.equal(kept, TopPLogitsWarper(top_p)(None, scaled.clone()).isfinite())
+    assert (kept.sum(dim=-1) < v).all()  # something is cut at every step
+    torch.testing.assert_close(
+        (probs * kept).sum(dim=-1), torch.ones(len(probs)), atol=1e-5, rtol=0
+    )
+    assert (probs[~kept] == 0).all()
+    full = scaled.softmax(dim=-1)
+    for row, mask in zip(full, kept, strict=True):
+        inside = row[mask]
+        assert inside.sum() >= top_p - 1e-6
+        assert inside.min() >= row[~mask].max()  # the most probable tokens
+        assert inside.sum() - inside.min() < top_p  # and no more of them than needed
 
 
 def test_token_logprobs_do_not_depend_on_left_padding(policy):

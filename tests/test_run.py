@@ -12,9 +12,14 @@ from tests.conftest import run_kedro as run
 pytestmark = pytest.mark.slow
 
 
+# 16 rollout groups rather than SMALL_RUN's 8: enough for some to have no reward spread
+# (every completion right, or every one wrong), whose rows are neutral.
+ROLLOUT_PROMPTS = 16
+
+
 def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
     for name in STAGES:
-        run(project_copy, name)
+        run(project_copy, name, {"rollout_generation": {"num_prompts": ROLLOUT_PROMPTS}})
     data = project_copy / "data"
 
     prompts = pd.read_parquet(data / "03_primary/prompts.parquet")
@@ -23,14 +28,21 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
     labeled = pd.read_parquet(data / "05_model_input/labeled_rollouts.parquet")
     aligned = pd.read_parquet(data / "05_model_input/aligned.parquet")
     unaligned = pd.read_parquet(data / "05_model_input/unaligned.parquet")
-    assert len(labeled) == 8 * 8
-    assert len(aligned) + len(unaligned) == len(labeled)
-    assert (aligned["advantage"] > 0).all() and (unaligned["advantage"] <= 0).all()
-    assert len(aligned) == int((labeled["advantage"] > 0).sum())
+    groups = pd.read_csv(data / "08_reporting/reward_groups.csv")
+    # labeled keeps every row; the splits hold a > 0 and a < 0 only, a = 0 (neutral) neither
+    assert len(labeled) == ROLLOUT_PROMPTS * 8
+    neutral = labeled["advantage"] == 0
+    assert neutral.any(), "the check needs a zero-advantage row (a zero-spread group)"
+    assert not (aligned["advantage"] <= 0).any() and not (unaligned["advantage"] >= 0).any()
+    assert (labeled["side"] == "neutral").tolist() == neutral.tolist()
+    assert len(aligned) + len(unaligned) + int(neutral.sum()) == len(labeled)
     key = ["prompt_id", "completion", "advantage"]
-    pd.testing.assert_frame_equal(
-        aligned[key], labeled[labeled["advantage"] > 0][key].reset_index(drop=True)
-    )
+    for split, rows in ((aligned, labeled["advantage"] > 0), (unaligned, labeled["advantage"] < 0)):
+        pd.testing.assert_frame_equal(split[key], labeled[rows][key].reset_index(drop=True))
+    assert (groups["n_aligned"] + groups["n_unaligned"] + groups["n_neutral"] == 8).all()
+    assert len(groups) == ROLLOUT_PROMPTS and groups["zero_std"].any()
+    assert groups["n_neutral"].sum() == neutral.sum()
+    assert (groups.loc[groups["zero_std"], "n_neutral"] == 8).all()
 
     metrics = pd.read_parquet(data / "07_model_output/training_metrics.parquet")
     assert len(metrics) == 150

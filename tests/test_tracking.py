@@ -85,7 +85,9 @@ def test_a_run_records_every_artifact_param_metric_and_table(project_copy):
     table = mlflow.load_table(table_files[0], run_ids=[run.info.run_id])
     assert set(table.columns) >= COMPLETION_COLUMNS
     assert len(table) == SMALL_RUN["training"]["prompts_per_step"] * 8
-    assert set(table["side"]) <= {"aligned", "unaligned"}
+    assert set(table["side"]) <= {"aligned", "unaligned", "neutral"}
+    assert ((table["side"] == "neutral") == (table["advantage"] == 0)).all()
+    assert ((table["side"] == "unaligned") == (table["advantage"] < 0)).all()
 
     tags = run.data.tags
     assert tags["pipelines"] == "__default__"

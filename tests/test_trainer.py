@@ -81,7 +81,7 @@ def test_metrics_columns_checkpoints_and_completions(policy, prompts):
     assert sorted(result.checkpoints) == [2, 4]
     assert set(result.completions["step"]) == {2, 4}
     assert len(result.completions) == 2 * 4 * 4
-    assert set(result.completions["side"]) <= {"aligned", "unaligned"}
+    assert set(result.completions["side"]) <= {"aligned", "unaligned", "neutral"}
     aligned = result.completions["side"] == "aligned"
     assert (result.completions.loc[aligned, "advantage"] > 0).all()
 

@@ -26,7 +26,13 @@ from safetensors import safe_open
 import fgrpo_pipeline
 from fgrpo_pipeline.labeling import rollouts_to_table
 from fgrpo_pipeline.lora import LoraSettings, apply_lora
-from fgrpo_pipeline.rollout import ENGINES, RolloutBatch, SamplingConfig, get_engine
+from fgrpo_pipeline.rollout import (
+    ENGINES,
+    RolloutBatch,
+    SamplingConfig,
+    get_engine,
+    token_logprobs,
+)
 from fgrpo_pipeline.vllm_engine import (
     LOGPROBS_MODE,
     SUPPORTED_VLLM,
@@ -346,16 +352,10 @@ def test_greedy_one_output_per_prompt_fills_the_group(policy):
     _assert_same(outputs_to_batch(policy, PROMPTS, 3, outputs, sampling), hf)
 
 
-@pytest.mark.parametrize(
-    "sampling",
-    [
-        {"do_sample": False, "temperature": 0.7, "max_new_tokens": 3},
-        {"temperature": 1.2, "top_p": 0.8, "max_new_tokens": 3, "seed": 2},
-    ],
-)
-def test_old_logps_vllm_reports_differently_are_recomputed(policy, sampling):
-    """Greedy vLLM log-probs ignore T; with top-p < 1 they are renormalised over the nucleus.
-    Here the returned values are deliberately wrong: they must not survive."""
+def test_greedy_old_logps_vllm_reports_before_temperature_are_recomputed(policy):
+    """Greedy vLLM log-probs ignore T. Here the returned values are deliberately wrong: they
+    must not survive."""
+    sampling = {"do_sample": False, "temperature": 0.7, "max_new_tokens": 3}
     hf = _hf(policy, group_size=2, **sampling)
     outputs = _as_vllm(policy, hf)
     for request in outputs:
@@ -363,6 +363,30 @@ def test_old_logps_vllm_reports_differently_are_recomputed(policy, sampling):
             out.logprobs = [{t: Logprob(-99.0)} for t in out.token_ids]
     got = outputs_to_batch(policy, PROMPTS, 2, outputs, SamplingConfig(**sampling))
     _assert_same(got, hf, exact_logps=False)
+
+
+def test_top_p_old_logps_are_vllms_nucleus_log_probs(policy):
+    """With top-p < 1 vLLM's processed log-probs are renormalised over the nucleus, like the
+    HF engine's: they are kept as returned, and a stop token's missing one is recomputed by
+    teacher forcing over the nucleus too."""
+    sampling = {"temperature": 1.2, "top_p": 0.8, "max_new_tokens": 3, "seed": 2}
+    hf = _hf(policy, group_size=2, **sampling)
+    config = SamplingConfig(**sampling)
+    _assert_same(outputs_to_batch(policy, PROMPTS, 2, _as_vllm(policy, hf), config), hf)
+    assert (~hf.truncated).any(), "the check needs a completion that stopped"
+    got = outputs_to_batch(policy, PROMPTS, 2, _as_vllm(policy, hf, keep_eos=False), config)
+    _assert_same(got, hf, exact_logps=False)
+    # not the full-vocabulary log-probs: the nucleus did cut
+    with torch.no_grad():
+        full = token_logprobs(
+            policy.model,
+            hf.prompt_ids,
+            hf.prompt_mask,
+            hf.completion_ids,
+            hf.completion_mask,
+            temperature=1.2,
+        )
+    assert (hf.old_logps - full).max() > 1e-3
 
 
 def test_conversion_errors(policy, hf_batch):

@@ -3,8 +3,9 @@
 Rewards arrive as one flat tensor laid out group after group: the ``group_size`` (G)
 responses to prompt 0, then the G responses to prompt 1, and so on. Within a group,
 ``a_i = (r_i − mean_j r_j) / (std_j r_j + eps)``. A response with ``a_i > 0`` is *aligned*
-(D⁺), ``a_i ≤ 0`` *unaligned* (D⁻). A group whose rewards are all equal carries no signal:
-its advantages are set to exactly 0 (not merely rounded near it).
+(D⁺), ``a_i < 0`` *unaligned* (D⁻) and ``a_i = 0`` *neutral* (in neither). A group whose
+rewards are all equal carries no signal: its advantages are set to exactly 0 (not merely
+rounded near it), so all its responses are neutral.
 """
 
 from __future__ import annotations

@@ -79,7 +79,11 @@ def evaluate_policy(
 
     ``sampled_accuracy`` is pass@1 averaged over ``k_samples`` samples per prompt;
     ``greedy_accuracy`` decodes once without sampling; ``kl_to_ref`` is the mean over samples
-    of Σ_t log π(y_t)/π_ref(y_t), an unbiased estimate of KL(π‖π_ref).
+    of Σ_t log π(y_t)/π_ref(y_t), an unbiased estimate of KL(π‖π_ref) of the policy as
+    sampled: π is the distribution the samples were drawn from (the engine's ``old_logps``,
+    temperature-scaled and, with ``top_p < 1``, renormalised over the nucleus: KL(π_top-p ‖
+    π_ref)), π_ref the reference's full temperature-scaled softmax. So with ``top_p < 1`` the
+    untrained policy's value is not 0 but the expected Σ_t −log(nucleus mass at t) > 0.
     """
     if config.max_prompts:
         prompts = prompts.iloc[: config.max_prompts]

@@ -9,10 +9,12 @@ from kedro.framework.hooks import hook_impl
 
 from fgrpo_pipeline.data_sources import validate_prompts
 from fgrpo_pipeline.input_checks import (
+    validate_aligned,
     validate_pairs,
     validate_rollouts,
     validate_safety_prompts,
     validate_sides,
+    validate_unaligned,
 )
 from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
 from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
@@ -36,8 +38,8 @@ logger = logging.getLogger(__name__)
 INPUT_CHECKS = {
     "prompts": validate_prompts,
     "rollouts": validate_rollouts,
-    "aligned": validate_sides,
-    "unaligned": validate_sides,
+    "aligned": validate_aligned,
+    "unaligned": validate_unaligned,
     "safety_records": validate_records,
     "safety_prompts": validate_safety_prompts,
     "safety_aligned": validate_sides,

@@ -74,6 +74,39 @@ def validate_sides(df: pd.DataFrame, source: str) -> None:
     validate_text_columns(df, SIDE_COLUMNS, source, non_empty=("prompt",))
 
 
+def _validate_split(df: pd.DataFrame, source: str, side: str) -> None:
+    """:func:`validate_sides`, and where the table has the labels ``reward_labeling`` writes,
+    every row on ``side``: advantage > 0 (aligned) or < 0 (unaligned), never 0 (neutral)."""
+    validate_sides(df, source)
+    if "advantage" in df.columns:
+        for row, value in df["advantage"].items():
+            if not isinstance(value, numbers.Real) or not (
+                value > 0 if side == "aligned" else value < 0
+            ):
+                sign = "> 0" if side == "aligned" else "< 0"
+                raise ValueError(
+                    f"{source}: column 'advantage', row {row!r}: {value!r} is not {sign}; "
+                    f"the {side} split holds only rows with advantage {sign} (0 is neutral, "
+                    "in neither split): re-run reward_labeling"
+                )
+    if "side" in df.columns:
+        for row, value in df["side"].items():
+            if value != side:
+                raise ValueError(
+                    f"{source}: column 'side', row {row!r}: {value!r} in the {side} split"
+                )
+
+
+def validate_aligned(df: pd.DataFrame, source: str) -> None:
+    """The ``aligned`` split (see :func:`_validate_split`)."""
+    _validate_split(df, source, "aligned")
+
+
+def validate_unaligned(df: pd.DataFrame, source: str) -> None:
+    """The ``unaligned`` split (see :func:`_validate_split`)."""
+    _validate_split(df, source, "unaligned")
+
+
 def validate_pairs(df: pd.DataFrame, source: str) -> None:
     """Preference pairs: prompt, chosen and rejected strings, none blank."""
     validate_text_columns(df, PAIR_COLUMNS, source, non_empty=PAIR_COLUMNS)

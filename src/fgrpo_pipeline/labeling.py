@@ -2,6 +2,11 @@
 
 The training loop and the ``rollout_generation`` / ``reward_labeling`` pipelines share
 these functions, so what is inspected in the parquet tables is exactly what trains.
+
+A row's side follows the sign of its advantage: ``aligned`` (a > 0, D⁺), ``unaligned``
+(a < 0, D⁻) or ``neutral`` (a = 0: every row of a group whose rewards are all equal, and a
+row exactly at its group's mean). Neutral rows carry no signal; they stay in the labeled
+table and are counted per group, but belong to neither split.
 """
 
 from __future__ import annotations
@@ -64,8 +69,10 @@ def score_rollouts(
 
 
 def side_labels(advantages: Tensor) -> list[str]:
-    """``aligned`` where the advantage is > 0, else ``unaligned``."""
-    return ["aligned" if a > 0 else "unaligned" for a in advantages.tolist()]
+    """Per advantage: ``aligned`` where it is > 0, ``unaligned`` where < 0, else ``neutral``."""
+    return [
+        "aligned" if a > 0 else "unaligned" if a < 0 else "neutral" for a in advantages.tolist()
+    ]
 
 
 def _ragged(values: Tensor, lengths: Tensor) -> list[list]:
@@ -107,15 +114,26 @@ def label_table(table: pd.DataFrame, scored: ScoredRollouts) -> pd.DataFrame:
 
 
 def split_sides(labeled: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(aligned, unaligned): the rows with advantage > 0 and ≤ 0."""
-    aligned = labeled["advantage"] > 0
-    return labeled[aligned].reset_index(drop=True), labeled[~aligned].reset_index(drop=True)
+    """(aligned, unaligned): the rows with advantage > 0 and < 0; rows with advantage 0
+    (neutral) are in neither."""
+    advantage = labeled["advantage"]
+    return (
+        labeled[advantage > 0].reset_index(drop=True),
+        labeled[advantage < 0].reset_index(drop=True),
+    )
 
 
 def summarise_groups(labeled: pd.DataFrame, group_size: int) -> pd.DataFrame:
-    """Per group: prompt, reward mean/std/spread, the zero-std flag and aligned count."""
+    """Per group: prompt, reward mean/std/spread, the zero-std flag, the number of rows on
+    each side (``n_aligned``, ``n_unaligned``, ``n_neutral``; they add up to G) and the
+    accuracy."""
     stats = group_stats(torch.tensor(labeled["reward"].to_numpy(), dtype=torch.float64), group_size)
-    first = labeled.groupby("group", sort=True).first()
+    groups = labeled.groupby("group", sort=True)
+    first = groups.first()
+
+    def count(side: str):
+        return groups["side"].apply(lambda s: int((s == side).sum())).to_numpy()
+
     return pd.DataFrame(
         {
             "group": first.index.to_numpy(),
@@ -125,9 +143,9 @@ def summarise_groups(labeled: pd.DataFrame, group_size: int) -> pd.DataFrame:
             "reward_std": stats.std.numpy(),
             "reward_spread": stats.spread.numpy(),
             "zero_std": stats.zero_std.numpy(),
-            "n_aligned": labeled.groupby("group", sort=True)["side"]
-            .apply(lambda s: int((s == "aligned").sum()))
-            .to_numpy(),
-            "accuracy": labeled.groupby("group", sort=True)["correct"].mean().to_numpy(),
+            "n_aligned": count("aligned"),
+            "n_unaligned": count("unaligned"),
+            "n_neutral": count("neutral"),
+            "accuracy": groups["correct"].mean().to_numpy(),
         }
     )

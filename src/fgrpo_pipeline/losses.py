@@ -30,6 +30,8 @@ from fgrpo_pipeline.registry import Registry
 
 WEIGHT_SCHEMES = ("uniform", "snis")
 GRPO_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
+# (choice) how f-HAL weighs its two terms; see f_hal_loss.
+HAL_SCALINGS = ("paper", "balanced")
 
 
 @dataclass
@@ -38,6 +40,9 @@ class LossOutput:
 
     loss: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # The weighted parts whose sum is ``loss`` (f-HAL: online, offline), so that the trainer
+    # can log each part's gradient norm; empty for single-term losses.
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- checks
@@ -136,6 +141,31 @@ def _effective_sample_size(weights: Tensor, side: Tensor) -> float:
     return ess.mean().item()
 
 
+def _side_estimates(
+    critic: Tensor, conj: Tensor, advantages: Tensor, w: Tensor, grid: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Per group: ``Σ_{a>0} ν·g(s) − Σ_{a<0} ν·f*(g(s))`` with ``ν ∝ |a|·w`` normalised to
+    sum to 1 within each side, and whether the group has both sides (reward spread).
+
+    The loss's ``Σ_i a_i ψ_i`` is this difference with unnormalised weights ``|a|·w``, so
+    this is the variational divergence estimate the loss optimises (spec §3 form, between
+    the advantage-weighted aligned and unaligned responses of the group). Rows with a = 0
+    carry no weight; a group without both sides gives 0."""
+    mag = (advantages.abs() * w).view(grid)
+    adv = advantages.view(grid)
+    pos, neg = adv > 0, adv < 0
+
+    def side_mean(values: Tensor, side: Tensor) -> Tensor:
+        weight = torch.where(side, mag, torch.zeros_like(mag))
+        total = weight.sum(dim=1, keepdim=True)
+        nu = weight / total.clamp(min=torch.finfo(mag.dtype).tiny)
+        return (nu * torch.where(side, values.view(grid), torch.zeros_like(mag))).sum(dim=1)
+
+    both = pos.any(dim=1) & neg.any(dim=1)
+    estimate = side_mean(critic, pos) - side_mean(conj, neg)
+    return torch.where(both, estimate, torch.zeros_like(estimate)), both
+
+
 def f_grpo_loss(
     logps: Tensor,
     ref_logps: Tensor,
@@ -149,6 +179,10 @@ def f_grpo_loss(
     rewards: Tensor | None = None,
     old_ratio_coef: float | None = None,
     reward_bound: float | None = DEFAULT_REWARD_BOUND,
+    scaling: str = "paper",
+    drop_zero_spread: bool = False,
+    group_count: Count | None = None,
+    sampling_logps: Tensor | None = None,
 ) -> LossOutput:
     """On-policy f-GRPO loss (spec §4).
 
@@ -156,8 +190,10 @@ def f_grpo_loss(
     ``w⁻·f*(g(s_i))``, and ``L = −(1 + 1/β) · mean over groups of Σ_i a_i ψ_i``.
 
     ``weights`` **(choice)**: ``uniform`` (w = 1) or ``snis`` — a softmax within each side of
-    each group of ``r_j − log π_old(y_j)`` (aligned) or ``−r_j − log π_old(y_j)`` (unaligned),
-    where ``r_j`` is ``rewards`` if given, else the advantage. ``old_logps`` defaults to
+    each group of ``r_j − log q(y_j)`` (aligned) or ``−r_j − log q(y_j)`` (unaligned),
+    where ``r_j`` is ``rewards`` if given, else the advantage, and ``q`` the distribution the
+    responses were drawn from: ``sampling_logps`` if given (sequence log-probs, e.g. π_old
+    corrected for a rollout engine's numerics), else ``old_logps``, which defaults to
     ``logps`` detached (one optimiser step per rollout batch).
 
     ``old_ratio_coef`` (γ) switches to the authors' surrogate: ``s_i += γ(logps_i −
@@ -166,11 +202,23 @@ def f_grpo_loss(
 
     ``reward_bound`` **(choice)** bounds ``s_i`` in value (:func:`bounded`) so that the
     conjugate terms stay finite when the policy has drifted far from the reference.
+
+    ``scaling`` **(choice)**: ``paper`` is the form above; ``balanced`` replaces it by
+    ``−mean over groups with reward spread of [Σ_{a>0} ν g(s) − Σ_{a<0} ν f*(g(s))]``, with
+    ``ν ∝ |a|·w`` normalised to sum to 1 within each side of a group: per-sample means on
+    each side and factor 1, the form of :func:`fdo_loss` (f-HAL's ``hal_scaling``).
+
+    ``drop_zero_spread``: the mean over groups counts only groups with reward spread (their
+    a = 0 rows add nothing to the sum), as DAPO's dynamic sampling does. ``group_count``: what
+    the sum over groups is divided by instead (data-parallel ranks: the mean count over the
+    ranks). The metric ``divergence_estimate`` is the estimate the loss optimises: the
+    ``balanced`` bracket above, averaged over the groups with spread.
     """
     _check_beta(beta)
     _check_bound(reward_bound)
     div = _resolve(divergence)
     _check_choice(weights, WEIGHT_SCHEMES, "weights")
+    _check_choice(scaling, HAL_SCALINGS, "scaling")
     _check_flat("logps", logps)
     _check_same_shape(
         logps=logps,
@@ -178,6 +226,7 @@ def f_grpo_loss(
         advantages=advantages,
         old_logps=old_logps,
         rewards=rewards,
+        sampling_logps=sampling_logps,
     )
     n_groups = check_group_layout(logps.numel(), group_size, "logps")
     if not torch.isfinite(advantages).all():
@@ -196,28 +245,40 @@ def f_grpo_loss(
     conj = div.conjugate_of_link(score)
 
     grid = (n_groups, group_size)
-    side_pos, side_neg = aligned.view(grid), (~aligned).view(grid)
+    side_pos, side_neg = aligned.view(grid), (advantages < 0).view(grid)
     if weights == "snis":
         r = (rewards if rewards is not None else advantages).detach().view(grid)
-        log_old = old.view(grid)
-        w_pos = _snis_weights(r - log_old, side_pos)
-        w_neg = _snis_weights(-r - log_old, side_neg)
+        log_q = (old if sampling_logps is None else sampling_logps.detach()).view(grid)
+        w_pos = _snis_weights(r - log_q, side_pos)
+        w_neg = _snis_weights(-r - log_q, side_neg)
         w = (w_pos + w_neg).reshape(-1)
     else:
         w = torch.ones_like(score)
 
-    psi = torch.where(aligned, w * critic, w * conj)
-    per_group = (advantages * psi).view(grid).sum(dim=1)
-    loss = -prefactor * per_group.mean()
+    estimates, spread = _side_estimates(critic, conj, advantages, w, grid)
+    n_spread = int(spread.sum().item())
+    if scaling == "balanced" or drop_zero_spread:
+        denominator = _denominator(group_count, n_spread, "group_count")
+    else:
+        denominator = _denominator(group_count, n_groups, "group_count")
+    denominator = denominator or 1.0  # no group with spread: the sum is 0 as well
+    if scaling == "balanced":
+        loss = -estimates.sum() / denominator
+    else:
+        psi = torch.where(aligned, w * critic, w * conj)
+        per_group = (advantages * psi).view(grid).sum(dim=1)
+        loss = -prefactor * per_group.sum() / denominator
 
     implicit = score.detach()
+    unaligned = advantages < 0
     metrics = {
-        "divergence_estimate": _mean_or_zero(critic.detach()[aligned])
-        - _mean_or_zero(conj.detach()[~aligned]),
+        "divergence_estimate": estimates.detach().sum().item() / max(n_spread, 1),
         "implicit_reward_aligned": _mean_or_zero(implicit[aligned]),
-        "implicit_reward_unaligned": _mean_or_zero(implicit[~aligned]),
+        "implicit_reward_unaligned": _mean_or_zero(implicit[unaligned]),
         "frac_aligned": aligned.float().mean().item(),
     }
+    if drop_zero_spread:
+        metrics["dropped_groups"] = float(n_groups - n_spread)
     if weights == "snis":
         metrics["ess_aligned"] = _effective_sample_size(w_pos, side_pos)
         metrics["ess_unaligned"] = _effective_sample_size(w_neg, side_neg)
@@ -296,11 +357,29 @@ def f_hal_loss(
     old_logps: Tensor | None = None,
     rewards: Tensor | None = None,
     reward_bound: float | None = DEFAULT_REWARD_BOUND,
+    hal_scaling: str = "paper",
+    drop_zero_spread: bool = False,
+    group_count: Count | None = None,
+    sampling_logps: Tensor | None = None,
+    chosen_count: Count | None = None,
+    rejected_count: Count | None = None,
 ) -> LossOutput:
     """Hybrid f-HAL loss (spec §5): ``λ·L_FDO + (1 − λ)·L_f-GRPO`` with one f, g and β.
 
     At λ = 0 it is exactly :func:`f_grpo_loss` and the offline inputs may be ``None``; at
     λ = 1 exactly :func:`fdo_loss` and the on-policy inputs may be ``None``.
+
+    ``hal_scaling`` **(choice)**: ``paper`` (default) takes both terms as the spec writes
+    them. The on-policy term then carries the factor (1 + 1/β) and a sum over the G responses
+    of a group, so at β = 0.1, G = 8 it outweighs the per-sample means of FDO by about two
+    orders of magnitude and λ = 0.5 trains almost like λ = 0. ``balanced`` writes the
+    on-policy term in FDO's form (:func:`f_grpo_loss` with ``scaling="balanced"``: per-sample
+    means within each side of a group, weights ∝ |a|, factor 1), so both terms are
+    differences of per-sample means of g and f*(g) and λ is the share of the gradient that
+    comes from the offline data (up to how the two batches' gradients differ in size).
+
+    The result's ``terms`` hold the weighted parts (``online`` = (1 − λ)·L_f-GRPO,
+    ``offline`` = λ·L_FDO) when both are present, for logging their gradient norms.
     """
     _check_lam(lam)
     _check_beta(beta)
@@ -320,6 +399,10 @@ def f_hal_loss(
             old_logps=old_logps,
             rewards=rewards,
             reward_bound=reward_bound,
+            scaling=hal_scaling,
+            drop_zero_spread=drop_zero_spread,
+            group_count=group_count,
+            sampling_logps=sampling_logps,
         )
         parts.append((1.0 - lam, "online", online))
     if lam > 0.0:
@@ -328,16 +411,25 @@ def f_hal_loss(
             raise ValueError(
                 "f_hal_loss with lam > 0 needs chosen/rejected policy and reference log-probs"
             )
-        offline = fdo_loss(*offline_inputs, divergence=div, beta=beta, reward_bound=reward_bound)
+        offline = fdo_loss(
+            *offline_inputs,
+            divergence=div,
+            beta=beta,
+            reward_bound=reward_bound,
+            chosen_count=chosen_count,
+            rejected_count=rejected_count,
+        )
         parts.append((lam, "offline", offline))
     if len(parts) == 1:
         return parts[0][2]
-    loss = sum(weight * out.loss for weight, _, out in parts)
+    _check_choice(hal_scaling, HAL_SCALINGS, "hal_scaling")
+    terms = {tag: weight * out.loss for weight, tag, out in parts}
+    loss = terms["online"] + terms["offline"]
     metrics = {f"{tag}/{key}": value for _, tag, out in parts for key, value in out.metrics.items()}
     metrics["divergence_estimate"] = sum(
         weight * out.metrics["divergence_estimate"] for weight, _, out in parts
     )
-    return LossOutput(loss=loss, metrics=metrics)
+    return LossOutput(loss=loss, metrics=metrics, terms=terms)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -351,24 +443,38 @@ def grpo_loss(
     *,
     ref_logps: Tensor | None = None,
     epsilon: float = 0.2,
+    epsilon_high: float | None = None,
     kl_coef: float = 0.0,
     aggregation: str = "grpo",
     max_completion_length: int | None = None,
     token_count: Count | None = None,
+    sequence_count: Count | None = None,
+    token_weights: Tensor | None = None,
 ) -> LossOutput:
     """Token-level clipped-ratio GRPO (spec §6) on per-token log-probs [N, T].
 
-    Per token: ``−min(ρ·a, clip(ρ, 1 − ε, 1 + ε)·a) + kl_coef·k3`` with ``ρ = π_θ/π_old`` and
-    the k3 estimator ``k3 = e^{ref − logp} − (ref − logp) − 1``. ``aggregation``:
-    ``grpo`` averages tokens within each sequence, then sequences; ``dr_grpo`` sums tokens
-    and divides by N·``max_completion_length`` (default: T); ``dapo`` divides the sum by the
-    batch's active-token count, or by ``token_count`` if given (data-parallel ranks: the mean
-    count over the ranks, so that the average of their losses is the whole batch's).
+    Per token: ``−w·min(ρ·a, clip(ρ, 1 − ε, 1 + ε_high)·a) + kl_coef·k3`` with ``ρ =
+    π_θ/π_old``, ``ε_high`` = ``epsilon_high`` or ε (DAPO's asymmetric clip when larger),
+    ``w`` = ``token_weights`` (a detached per-token importance weight, e.g. the truncated
+    correction of a rollout engine's numerics; default 1) and the k3 estimator ``k3 =
+    e^{ref − logp} − (ref − logp) − 1``. ``aggregation``: ``grpo`` averages tokens within
+    each sequence, then sequences; ``dr_grpo`` sums tokens and divides by
+    N·``max_completion_length`` (the configured maximum, as Dr. GRPO and TRL do; default: T,
+    the batch's width); ``dapo`` divides the sum by the batch's active-token count, or by
+    ``token_count`` if given. ``sequence_count`` replaces N (both: data-parallel ranks pass
+    the mean count over the ranks, so that the average of their losses is the whole batch's;
+    rows whose mask is all 0 are then left out of the count by the caller).
     """
     _check_choice(aggregation, GRPO_AGGREGATIONS, "aggregation")
     if logps.dim() != 2:
         raise ValueError(f"grpo_loss takes per-token log-probs [N, T], got {list(logps.shape)}")
-    _check_same_shape(logps=logps, old_logps=old_logps, mask=mask, ref_logps=ref_logps)
+    _check_same_shape(
+        logps=logps,
+        old_logps=old_logps,
+        mask=mask,
+        ref_logps=ref_logps,
+        token_weights=token_weights,
+    )
     if advantages.shape != logps.shape[:1]:
         raise ValueError(
             f"shape mismatch: advantages{list(advantages.shape)} vs logps{list(logps.shape)}"
@@ -377,6 +483,14 @@ def grpo_loss(
         raise ValueError("grpo_loss with kl_coef > 0 needs ref_logps")
     if not 0 < epsilon < 1:
         raise ValueError(f"epsilon must lie in (0, 1), got {epsilon!r}")
+    high = epsilon if epsilon_high is None else epsilon_high
+    if not 0 < high < float("inf"):
+        raise ValueError(f"epsilon_high must be a finite number > 0, got {epsilon_high!r}")
+    if max_completion_length is not None and max_completion_length < logps.shape[1]:
+        raise ValueError(
+            f"max_completion_length={max_completion_length} is shorter than the batch's "
+            f"completions ({logps.shape[1]} tokens)"
+        )
 
     mask = mask.to(logps.dtype)
     # Clamped in value, gradient straight through: a far-off token cannot overflow exp.
@@ -384,8 +498,10 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     adv = advantages.detach().unsqueeze(1)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon) * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     kl = None
     if ref_logps is not None:
         delta = bounded(ref_logps.detach() - logps, MAX_TOKEN_LOG_RATIO)
@@ -393,17 +509,18 @@ def grpo_loss(
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
 
+    n_rows = _denominator(sequence_count, logps.shape[0], "sequence_count") or 1.0
     if aggregation == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n_rows
     elif aggregation == "dr_grpo":
         length = max_completion_length or logps.shape[1]
-        loss = (per_token * mask).sum() / (logps.shape[0] * length)
+        loss = (per_token * mask).sum() / (n_rows * length)
     else:
         active = _denominator(token_count, mask.sum().item(), "token_count")
         loss = (per_token * mask).sum() / (active or 1.0)
 
     active = mask.bool()
-    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
     metrics = {"clip_fraction": _mean_or_zero(is_clipped[active].float())}
     if kl is not None:
         metrics["kl_k3"] = _mean_or_zero(kl.detach()[active])
@@ -448,6 +565,34 @@ def dpo_loss(
     )
 
 
+# --------------------------------------------------------------------------- engine mismatch
+
+
+def truncated_importance_weights(
+    old_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-token ``min(π_old/π_engine, cap)`` [N, T] (1 where masked), detached, and its
+    diagnostics: the mean ratio and the share of tokens capped, over the active tokens.
+
+    π_old is the trainer's own log-probs of the sampled tokens; ``engine_logps`` those the
+    rollout engine reported while sampling (vLLM's kernels round differently). The ratio
+    corrects the gradient, an expectation under the engine's samples, towards π_old's;
+    capping bounds its variance (truncated importance sampling)."""
+    if not (isinstance(cap, (int, float)) and 1 <= cap < float("inf")):
+        raise ValueError(f"importance-weight cap must be a finite number ≥ 1, got {cap!r}")
+    _check_same_shape(old_logps=old_logps, engine_logps=engine_logps, mask=mask)
+    active = mask.bool()
+    log_ratio = (old_logps.detach() - engine_logps.detach()).clamp(
+        -MAX_TOKEN_LOG_RATIO, MAX_TOKEN_LOG_RATIO
+    )
+    ratio = torch.where(active, torch.exp(log_ratio), torch.ones_like(log_ratio))
+    weights = ratio.clamp(max=cap)
+    return weights, {
+        "is_ratio_mean": _mean_or_zero(ratio[active]),
+        "is_frac_capped": _mean_or_zero((ratio[active] > cap).float()),
+    }
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -464,6 +609,9 @@ class LossConfig:
     kl_coef: float = 0.0
     aggregation: str = "grpo"
     reward_bound: float | None = DEFAULT_REWARD_BOUND
+    hal_scaling: str = "paper"
+    epsilon_high: float | None = None
+    drop_zero_spread: bool = False
 
     def __post_init__(self) -> None:
         LOSSES.check(self.name, "loss")
@@ -473,6 +621,29 @@ class LossConfig:
         _check_lam(self.lam)
         _check_choice(self.weights, WEIGHT_SCHEMES, "weights")
         _check_choice(self.aggregation, GRPO_AGGREGATIONS, "aggregation")
+        _check_choice(self.hal_scaling, HAL_SCALINGS, "hal_scaling")
+        if not isinstance(self.drop_zero_spread, bool):
+            raise ValueError(
+                f"drop_zero_spread must be true or false, got {self.drop_zero_spread!r}"
+            )
+        if self.epsilon_high is not None and not (
+            isinstance(self.epsilon_high, (int, float)) and 0 < self.epsilon_high < float("inf")
+        ):
+            raise ValueError(
+                f"epsilon_high must be a finite number > 0 or null, got {self.epsilon_high!r}"
+            )
+        # Options of one loss only: given to another they would be silently ignored.
+        if self.hal_scaling != "paper" and self.name != "f_hal":
+            raise ValueError(
+                f"hal_scaling={self.hal_scaling!r} applies to loss f_hal only, not {self.name!r}"
+            )
+        if self.epsilon_high is not None and self.name != "grpo":
+            raise ValueError(f"epsilon_high applies to loss grpo only, not {self.name!r}")
+        if self.drop_zero_spread and self.name in ("fdo", "dpo"):
+            raise ValueError(
+                f"drop_zero_spread applies to f_grpo, f_hal and grpo, not {self.name!r} "
+                "(which already leaves groups without reward spread out)"
+            )
 
 
 @dataclass
@@ -483,6 +654,10 @@ class PreferenceInputs:
     chosen_ref_logps: Tensor
     rejected_logps: Tensor
     rejected_ref_logps: Tensor
+    # (prompts, completions) of each side, for logging what the loss saw; row i of both
+    # sides is one pair when the draw was paired (DPO)
+    chosen_texts: tuple[list[str], list[str]] | None = None
+    rejected_texts: tuple[list[str], list[str]] | None = None
 
 
 @dataclass
@@ -507,6 +682,24 @@ class LossInputs:
     group_size: int
     offline: PreferenceInputs | None = None
     rank_mean: Callable[[Tensor], Tensor] = lambda count: count
+    # the configured maximum completion length (sampling.max_new_tokens): Dr. GRPO's divisor
+    max_completion_length: int | None = None
+    # per-token truncated importance weights π_old/π_engine [N, T] (rollout-engine numerics
+    # correction, see truncated_importance_weights); None = off
+    is_weights: Tensor | None = None
+
+    def spread_rows(self) -> Tensor:
+        """Per row [N]: whether its group has reward spread (some a ≠ 0)."""
+        nonzero = (self.advantages != 0).view(-1, self.group_size).any(dim=1)
+        return nonzero.repeat_interleave(self.group_size)
+
+    def sampling_logps(self) -> Tensor | None:
+        """Sequence log-probs of the distribution the rollouts were drawn from, as π_old
+        corrected by the importance weights (None without a correction)."""
+        if self.is_weights is None:
+            return None
+        log_w = torch.log(self.is_weights.clamp(min=torch.finfo(self.is_weights.dtype).tiny))
+        return self.sequence(self.old_logps) - self.sequence(log_w)
 
     def sequence(self, per_token: Tensor) -> Tensor:
         return (per_token * self.mask).sum(dim=1)
@@ -558,6 +751,15 @@ def _f_grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
     return _f_hal(inputs, replace(config, lam=0.0))
 
 
+def _group_count(inputs: LossInputs, config: LossConfig) -> float | None:
+    """f-GRPO's divisor of the sum over groups when it is not the local group count:
+    the groups with spread (balanced, or drop_zero_spread), as the ranks' mean."""
+    if config.hal_scaling != "balanced" and not config.drop_zero_spread:
+        return None
+    spread = inputs.spread_rows().view(-1, inputs.group_size)[:, 0]
+    return inputs.mean_over_ranks(spread.sum().item())
+
+
 @LOSSES.register("fdo")
 def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
     prefs = inputs.offline or _online_preferences(inputs)
@@ -599,24 +801,41 @@ def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
         old_logps=inputs.sequence(inputs.old_logps),
         rewards=inputs.rewards,
         reward_bound=config.reward_bound,
+        hal_scaling=config.hal_scaling,
+        drop_zero_spread=config.drop_zero_spread,
+        group_count=_group_count(inputs, config) if config.lam < 1 else None,
+        sampling_logps=inputs.sampling_logps() if config.weights == "snis" else None,
     )
 
 
 @LOSSES.register("grpo")
 def _grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
-    return grpo_loss(
+    mask, sequence_count, metrics = inputs.mask, None, {}
+    if config.drop_zero_spread:
+        # DAPO's dynamic sampling: groups without reward spread leave the loss and its counts
+        keep = inputs.spread_rows()
+        mask = mask * keep.unsqueeze(1).to(mask.dtype)
+        sequence_count = inputs.mean_over_ranks(keep.sum().item())
+        metrics["dropped_groups"] = float((~keep).sum().item() // inputs.group_size)
+    out = grpo_loss(
         inputs.logps,
         inputs.old_logps,
         inputs.advantages,
-        inputs.mask,
+        mask,
         ref_logps=inputs.ref_logps,
         epsilon=config.epsilon,
+        epsilon_high=config.epsilon_high,
         kl_coef=config.kl_coef,
         aggregation=config.aggregation,
-        token_count=inputs.mean_over_ranks(inputs.mask.sum().item())
+        max_completion_length=inputs.max_completion_length,
+        token_count=inputs.mean_over_ranks(mask.sum().item())
         if config.aggregation == "dapo"
         else None,
+        sequence_count=sequence_count,
+        token_weights=inputs.is_weights,
     )
+    out.metrics.update(metrics)
+    return out
 
 
 @LOSSES.register("dpo")

@@ -40,6 +40,32 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Float attributes through which transformers' attention and MLP blocks apply dropout
+# in train mode (e.g. Qwen2Attention.attention_dropout); nn.Dropout modules besides.
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout", "hidden_dropout", "activation_dropout")
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of ``model`` to 0 in place (its ``nn.Dropout`` modules, LoRA's
+    included, and the dropout rates attention blocks read); the number changed.
+
+    The RL losses compare the policy's log-probs with those of generation and of the
+    reference, which run in eval mode; with dropout the policy would score another function
+    (r_θ ≠ 0 at θ = θ_ref). With it off, train mode differs from eval mode only where it must
+    (activation checkpointing). TRL's trainers do the same (``disable_dropout``)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        for name in _DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET) -> PreTrainedTokenizerFast:
     """A character-level tokenizer: one token per character, BOS prepended, left padding.
 

@@ -2,9 +2,14 @@
 
 A :class:`RolloutBatch` is laid out group after group (the G completions of prompt 0, then
 those of prompt 1, ...), as ``advantages`` expects. ``old_logps`` are the per-token log-probs
-of the sampled tokens under the sampling policy, ``log_softmax(logits / temperature)``; like
-TRL, they do not account for top-p truncation. :func:`token_logprobs` recomputes the same
-quantity by teacher forcing, for the policy (with grad) and the reference (without).
+of the sampled tokens under the distribution they were sampled from: ``log_softmax(logits /
+temperature)``, and with ``top_p < 1`` that softmax renormalised over the nucleus
+transformers' ``TopPLogitsWarper`` keeps (:func:`nucleus_mask`), as vLLM's
+``processed_logprobs`` are (TRL instead keeps the full-vocabulary log-softmax). Greedy
+decoding ignores ``top_p``. :func:`token_logprobs` recomputes the full-vocabulary quantity
+(the same at ``top_p = 1``) by teacher forcing, for the policy (with grad) and the reference
+(without); with ``top_p < 1`` the nucleus log-probs are not the policy's full distribution,
+so a ratio of the two compares different supports.
 
 The G rows of a group share their prompt, and prompts are usually longer than completions,
 so most of a plain teacher-forced pass (and of a plain prefill) repeats work G times.
@@ -106,9 +111,36 @@ def _through_first_eos(completion_ids: Tensor, eos_ids: list[int]) -> tuple[Tens
     return eos_before == 0, is_eos.any(dim=1)
 
 
-def _sampled_logps(logits: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
-    """log softmax(logits / T) at ``token_ids``, without materialising a second [N, T, V]."""
+def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
+    """Bool [..., V]: the tokens that top-p (nucleus) sampling keeps, True where kept.
+
+    ``scaled_logits`` are the logits already divided by the temperature. The rule is that of
+    transformers' ``TopPLogitsWarper`` (min_tokens_to_keep=1), step for step so that ties
+    and rounding fall the same way: sort ascending, take the cumulative softmax
+    probabilities, drop every token whose cumulative probability is ≤ 1 − ``top_p``, and
+    always keep the most probable one. What is kept is the smallest set of most probable
+    tokens whose probabilities add up to at least ``top_p``. All True for ``top_p`` ≥ 1
+    (the engines pass ``top_k=0``: no top-k cut comes before it).
+    """
+    if top_p >= 1:
+        return torch.ones_like(scaled_logits, dtype=torch.bool)
+    sorted_logits, order = torch.sort(scaled_logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[..., -1:] = False
+    return ~drop_sorted.scatter(-1, order, drop_sorted)
+
+
+def _sampled_logps(
+    logits: Tensor, token_ids: Tensor, temperature: float, top_p: float = 1.0
+) -> Tensor:
+    """Log-probs at ``token_ids`` of the distribution top-p sampling at ``temperature``
+    draws from: ``softmax(logits / T)`` renormalised over :func:`nucleus_mask` (the whole
+    vocabulary at ``top_p = 1``: plain ``log_softmax(logits / T)``), −inf for a token
+    outside the nucleus. No log-softmax [..., V] is materialised."""
     logits = logits.float() / temperature
+    if top_p < 1:
+        logits = logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))
     picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
@@ -194,9 +226,17 @@ class HFEngine:
         completion_ids = out.sequences[:, prompt_ids.shape[1] :]
         keep, has_eos = _through_first_eos(completion_ids, eos_ids)
         completion_ids = completion_ids.masked_fill(~keep, pad_id)
-        # output_logits are the raw logits, before temperature/top-p processors.
-        logits = torch.stack(out.logits, dim=1)
-        old_logps = _sampled_logps(logits, completion_ids, sampling.temperature)
+        # output_logits are the raw logits, before the temperature/top-p processors: apply
+        # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
+        # tensor the processors saw, so the nucleus is the one sampled from).
+        top_p = sampling.top_p if sampling.do_sample else 1.0
+        old_logps = torch.stack(
+            [
+                _sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
+                for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
+            ],
+            dim=1,
+        )
         old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
         lengths = keep.sum(dim=1)
         completions = tokenizer.batch_decode(
@@ -425,8 +465,14 @@ def token_logprobs(
     completion_ids: Tensor,
     completion_mask: Tensor,
     temperature: float = 1.0,
+    *,
+    top_p: float = 1.0,
 ) -> Tensor:
     """Teacher-forced log-probs [N, T_completion] of ``completion_ids``; 0 where masked.
+
+    ``top_p < 1`` renormalises over the nucleus (:func:`nucleus_mask`, −inf outside it), the
+    rollout engines' ``old_logps`` convention; the default is the full-vocabulary
+    ``log_softmax(logits / T)`` the losses use.
 
     Differentiable when called with grad enabled. Position ids come from the attention mask,
     as ``generate`` derives them; Qwen2's forward alone would count the left padding. With
@@ -447,7 +493,7 @@ def token_logprobs(
         use_cache=False,
         logits_to_keep=n_completion + 1,
     ).logits[:, :-1]
-    logps = _sampled_logps(logits, completion_ids, temperature)
+    logps = _sampled_logps(logits, completion_ids, temperature, top_p)
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
 
 

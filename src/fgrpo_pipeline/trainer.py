@@ -44,8 +44,14 @@ from fgrpo_pipeline.distributed import (
 )
 from fgrpo_pipeline.labeling import score_rollouts, side_labels
 from fgrpo_pipeline.lora import LoraSettings, apply_lora, make_reference, trainable_parameters
-from fgrpo_pipeline.losses import LossConfig, LossInputs, PreferenceInputs, get_loss
-from fgrpo_pipeline.modeling import Policy, set_seed
+from fgrpo_pipeline.losses import (
+    LossConfig,
+    LossInputs,
+    PreferenceInputs,
+    get_loss,
+    truncated_importance_weights,
+)
+from fgrpo_pipeline.modeling import Policy, disable_dropout, set_seed
 from fgrpo_pipeline.rewards import REWARDS, RewardFn, combine_rewards, get_reward
 from fgrpo_pipeline.rollout import (
     ENGINES,
@@ -84,6 +90,10 @@ class TrainerConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     share_prompts: bool = True
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    engine_is_correction: bool | str = "auto"
+    engine_is_cap: float = 2.0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -137,6 +147,52 @@ class TrainerConfig:
             LoraSettings.from_params(self.lora)
         REWARDS.check(self.correctness_reward, "training.correctness_reward")
         combine_rewards(self.rewards)  # validates names and weights
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}",
+        )
+        _require(
+            0 <= self.warmup_steps <= self.steps,
+            "warmup_steps",
+            f"must lie in [0, steps={self.steps}]",
+        )
+        _require(
+            self.engine_is_correction in (True, False, "auto"),
+            "engine_is_correction",
+            "must be auto, true or false",
+        )
+        _require(
+            isinstance(self.engine_is_cap, (int, float))
+            and not isinstance(self.engine_is_cap, bool)
+            and 1 <= self.engine_is_cap < math.inf,
+            "engine_is_cap",
+            "must be a finite number ≥ 1",
+        )
+        if self.sampling.top_p < 1 and self.sampling.do_sample and self._needs_old_logps():
+            _require(
+                self.corrects_engine(),
+                "sampling.top_p",
+                f"= {self.sampling.top_p} < 1 samples from the nucleus-truncated distribution, "
+                f"which the policy's log-probs (π_old of loss {self.loss.name!r}"
+                f"{' with snis weights' if self.loss.weights == 'snis' else ''}) do not "
+                "describe: set top_p: 1.0, or engine_is_correction: true to weight by "
+                "π_old/π_sampled",
+            )
+
+    def _needs_old_logps(self) -> bool:
+        """Whether the loss uses π_old: GRPO's ratio, f-GRPO's snis weights."""
+        uses_online = self.loss.name in ("grpo", "f_grpo") or (
+            self.loss.name == "f_hal" and self.loss.lam < 1
+        )
+        return uses_online and (self.loss.name == "grpo" or self.loss.weights == "snis")
+
+    def corrects_engine(self) -> bool:
+        """Whether rollouts are importance-weighted by π_old/π_engine (``auto``: for every
+        engine but ``hf``, whose log-probs are the trainer's own up to rounding)."""
+        if self.engine_is_correction == "auto":
+            return self.engine != "hf"
+        return bool(self.engine_is_correction)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> TrainerConfig:
@@ -193,8 +249,26 @@ def check_run_params(params: Mapping[str, Any]) -> None:
         )
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (1-based) as a share of the peak: a
+    linear warm-up over the first ``warmup_steps`` steps (step k of them at k/warmup), then
+    constant, linear to 0 or cosine to 0 over the rest (reached just after the last step)."""
+    if step <= warmup_steps:
+        return step / warmup_steps
+    progress = (step - 1 - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
 _INT_FIELDS = (
     "steps",
+    "warmup_steps",
     "prompts_per_step",
     "group_size",
     "seed",
@@ -230,6 +304,14 @@ class PreferenceData:
                 "preference data needs at least one aligned and one unaligned sample, got "
                 f"{len(self.chosen_prompts)} aligned and {len(self.rejected_prompts)} unaligned"
             )
+        sides: dict[str, tuple[list[int], list[int]]] = {}
+        for i, prompt in enumerate(self.chosen_prompts):
+            sides.setdefault(prompt, ([], []))[0].append(i)
+        for i, prompt in enumerate(self.rejected_prompts):
+            sides.setdefault(prompt, ([], []))[1].append(i)
+        # Prompts with an aligned and an unaligned response: what DPO's pairs are drawn from.
+        self.paired = [(c, r) for c, r in sides.values() if c and r]
+        self.unpaired_prompts = len(sides) - len(self.paired)
 
 
 def preferences_from_splits(
@@ -296,24 +378,49 @@ def _offline_minibatch(
     gen: torch.Generator,
     temperature: float,
     share: slice = slice(None),
+    *,
+    paired: bool = False,
 ) -> PreferenceInputs:
     """``size`` aligned and ``size`` unaligned samples drawn with ``gen``, of which this rank
-    scores its ``share`` (every rank draws all, so the generator stays in step)."""
+    scores its ``share`` (every rank draws all, so the generator stays in step).
 
-    def draw(prompts: list[str], completions: list[str]):
-        idx = torch.randint(len(prompts), (size,), generator=gen).tolist()[share]
-        ps, cs = [prompts[i] for i in idx], [completions[i] for i in idx]
+    ``paired`` (DPO): pair i is an aligned and an unaligned response to one prompt, drawn
+    uniformly among the prompts that have both, then within each side of that prompt.
+    Otherwise (FDO, f-HAL) the two sides are drawn independently."""
+    if paired:
+        which = torch.randint(len(data.paired), (size,), generator=gen).tolist()
+        u_chosen, u_rejected = torch.rand(size, generator=gen), torch.rand(size, generator=gen)
+        chosen_idx = [
+            data.paired[p][0][int(u * len(data.paired[p][0]))]
+            for p, u in zip(which, u_chosen.tolist(), strict=True)
+        ]
+        rejected_idx = [
+            data.paired[p][1][int(u * len(data.paired[p][1]))]
+            for p, u in zip(which, u_rejected.tolist(), strict=True)
+        ]
+    else:
+        chosen_idx = torch.randint(len(data.chosen_prompts), (size,), generator=gen).tolist()
+        rejected_idx = torch.randint(len(data.rejected_prompts), (size,), generator=gen).tolist()
+
+    def score(idx: list[int], prompts: list[str], completions: list[str]):
+        ps, cs = [prompts[i] for i in idx[share]], [completions[i] for i in idx[share]]
         logps = _sequence_logps(
             policy.model, policy.tokenizer, ps, cs, temperature=temperature, grad=True
         )
         ref = _sequence_logps(
             reference, policy.tokenizer, ps, cs, temperature=temperature, grad=False
         )
-        return logps, ref
+        return logps, ref, (ps, cs)
 
-    chosen, chosen_ref = draw(data.chosen_prompts, data.chosen_completions)
-    rejected, rejected_ref = draw(data.rejected_prompts, data.rejected_completions)
-    return PreferenceInputs(chosen, chosen_ref, rejected, rejected_ref)
+    chosen, chosen_ref, chosen_texts = score(
+        chosen_idx, data.chosen_prompts, data.chosen_completions
+    )
+    rejected, rejected_ref, rejected_texts = score(
+        rejected_idx, data.rejected_prompts, data.rejected_completions
+    )
+    return PreferenceInputs(
+        chosen, chosen_ref, rejected, rejected_ref, chosen_texts, rejected_texts
+    )
 
 
 def backward_in_micro_batches(
@@ -340,6 +447,69 @@ def backward_in_micro_batches(
         with contextlib.nullcontext() if no_sync is None or last else no_sync():
             part = rows_logprobs(model, batch, chunk, temperature, share_prompts=share_prompts)
             part.backward(logps_grad[chunk])
+
+
+COMPLETION_SOURCES = ("online", "offline")
+
+
+def _add_offline_rows(
+    table: dict[str, list], offline: PreferenceInputs, beta: float, paired: bool, rank: int
+) -> None:
+    """The offline minibatch the loss saw, as completions-table rows (``source`` offline;
+    ``pair`` numbers DPO's same-prompt pairs, ``rank:index`` under several processes)."""
+    for side, texts, logps, ref in (
+        ("aligned", offline.chosen_texts, offline.chosen_logps, offline.chosen_ref_logps),
+        ("unaligned", offline.rejected_texts, offline.rejected_logps, offline.rejected_ref_logps),
+    ):
+        if texts is None:
+            continue
+        prompts, completions = texts
+        k = len(prompts)
+        table["source"] += ["offline"] * k
+        table["pair"] += [rank * 1_000_000 + i if paired else -1 for i in range(k)]
+        table["prompt"] += list(prompts)
+        table["completion"] += list(completions)
+        table["reward"] += [math.nan] * k
+        table["advantage"] += [math.nan] * k
+        table["side"] += [side] * k
+        table["implicit_reward"] += (beta * (logps.detach() - ref)).tolist()
+
+
+class _TermGradients:
+    """The gradient norm of each part of a loss whose ``terms`` sum to it.
+
+    Built before the backward pass: every term but the first is differentiated on its own
+    (``autograd.grad``: no ``.grad`` is touched); after the full backward (and any
+    micro-batch accumulation) the first term's gradient is the total minus the others, so
+    one extra backward pass over the smaller parts (f-HAL: the offline minibatch) is all
+    it costs. Under DDP the parts' gradients are averaged over the ranks like the total."""
+
+    def __init__(self, terms: Mapping[str, torch.Tensor], params: list[torch.nn.Parameter]):
+        self.params = params
+        names = list(terms)
+        self.first, self.rest = names[0], {}
+        for name in names[1:]:
+            grads = torch.autograd.grad(terms[name], params, retain_graph=True, allow_unused=True)
+            self.rest[name] = _flat(grads, params)
+
+    def norms(self, runtime) -> dict[str, float]:
+        total = _flat([p.grad for p in self.params], self.params)
+        norms = {}
+        for name, flat in self.rest.items():
+            flat = runtime.mean(flat) if runtime.num_processes > 1 else flat
+            total = total - flat
+            norms[name] = flat.norm().item()
+        norms[self.first] = total.norm().item()
+        return norms
+
+
+def _flat(grads, params) -> torch.Tensor:
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).detach().reshape(-1).float()
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
 
 
 def _uses_offline_data(loss: LossConfig) -> bool:
@@ -383,18 +553,30 @@ def _combine_reports(
     return scalars, times
 
 
+# Options added after resume states existed, left out of the fingerprint at their
+# defaults (which compute what the states' runs computed), so such states still resume.
+_LATER_DEFAULTS = {
+    "mixed_precision": "no",
+    "share_prompts": True,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "engine_is_correction": "auto",
+    "engine_is_cap": 2.0,
+}
+_LATER_LOSS_DEFAULTS = {"hal_scaling": "paper", "epsilon_high": None, "drop_zero_spread": False}
+
+
 def _fingerprint_config(fingerprint: dict[str, Any], num_processes: int) -> None:
     """The resume fingerprint's config: ``gradient_checkpointing`` changes memory, not what a
-    step computes, so a run may resume with another value; ``mixed_precision`` at its default
-    and ``share_prompts`` at its default are left out, as are a single process's
-    ``num_processes``, so states written before these
-    existed still resume; a state of N processes resumes only with N."""
+    step computes, so a run may resume with another value; options added later are left out
+    at their defaults, as is a single process's ``num_processes``, so states written before
+    these existed still resume; a state of N processes resumes only with N."""
     run = fingerprint["config"]
     run.pop("gradient_checkpointing", None)
-    if run.get("mixed_precision") == "no":
-        run.pop("mixed_precision")
-    if run.get("share_prompts") is True:
-        run.pop("share_prompts")
+    for defaults, block in ((_LATER_DEFAULTS, run), (_LATER_LOSS_DEFAULTS, run.get("loss", {}))):
+        for key, default in defaults.items():
+            if key in block and block[key] == default:
+                block.pop(key)
     if num_processes > 1:
         run["num_processes"] = num_processes
 
@@ -449,6 +631,20 @@ def train(
     """
     if config.loss.name == "f_hal" and config.loss.lam > 0 and preferences is None:
         raise ValueError("loss f_hal with lam > 0 needs preference data (aligned/unaligned)")
+    paired = config.loss.name == "dpo" and preferences is not None
+    if paired:
+        if not preferences.paired:
+            raise ValueError(
+                "loss dpo trains on pairs of an aligned and an unaligned response to one "
+                f"prompt: none of the preference data's {preferences.unpaired_prompts} "
+                "prompts has both"
+            )
+        logger.info(
+            "dpo: pairs drawn from %d prompts; %d prompts without an aligned and an "
+            "unaligned response are skipped",
+            len(preferences.paired),
+            preferences.unpaired_prompts,
+        )
     if len(prompts) < 1:
         raise ValueError("training needs at least one prompt")
     if resume_dir is not None and not config.checkpoint_every:
@@ -476,6 +672,10 @@ def train(
     policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer)
     if config.lora is not None:
         policy = apply_lora(policy, LoraSettings.from_params(config.lora))
+    # Generation and the reference run in eval mode; with dropout on in the scoring pass
+    # r_θ ≠ 0 at θ = θ_ref and π_θ ≠ π_old. Off, every pass computes the same function.
+    if disabled := disable_dropout(policy.model):
+        logger.info("dropout disabled in %d places of the policy (as in generation)", disabled)
     if runtime.device is not None:
         policy.model.to(runtime.device)
     # LoRA: the same base weights with the adapter off (no second copy); else a frozen copy.
@@ -488,6 +688,12 @@ def train(
     engine = get_engine(config.engine, **config.engine_options)
     # Engines that keep their own copy of the weights (vLLM) get them after every update.
     sync_weights = getattr(engine, "sync_weights", None)
+    correct_engine = config.corrects_engine()
+
+    def lr_at(step: int) -> float:
+        factor = lr_factor(config.lr_schedule, step, config.warmup_steps, config.steps)
+        return config.learning_rate * factor
+
     loss_fn = get_loss(config.loss.name)
     reward_fn = reward_fn or combine_rewards(config.rewards)
     correctness_fn = correctness_fn or get_reward(config.correctness_reward)
@@ -540,6 +746,10 @@ def train(
     local_parameters = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() for p in wrapped.parameters()
     )
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    # Per-term gradient norms (f-HAL's online and offline parts): not on sharded weights,
+    # whose gradients each rank holds only a shard of.
+    log_terms = not runtime.shards_weights
     grad_policy = Policy(model=wrapped, tokenizer=policy.tokenizer)
     no_sync = runtime.no_sync(wrapped)
     # mininterval: a redirected log gets a line a second, not one per step
@@ -592,6 +802,14 @@ def train(
             logps.requires_grad_(True)
         else:
             logps = batch_logprobs(wrapped, batch, temperature, share_prompts=share)
+        # One optimiser step per batch: π_old is the policy itself (ratio exactly 1); the
+        # engine's own log-probs only enter the importance correction of its numerics.
+        old_logps = logps.detach()
+        is_weights, is_metrics = None, {}
+        if correct_engine:
+            is_weights, is_metrics = truncated_importance_weights(
+                old_logps, batch.old_logps, batch.completion_mask, config.engine_is_cap
+            )
         offline = None
         if preferences is not None and _uses_offline_data(config.loss):
             with runtime.autocast():
@@ -603,24 +821,31 @@ def train(
                     gen,
                     temperature,
                     offline_share,
+                    paired=paired,
                 )
         inputs = LossInputs(
             logps=logps,
             ref_logps=ref_logps,
-            old_logps=batch.old_logps,
+            old_logps=old_logps,
             mask=batch.completion_mask,
             advantages=advantages,
             rewards=rewards,
             group_size=g,
             offline=offline,
             rank_mean=runtime.mean,
+            max_completion_length=config.sampling.max_new_tokens,
+            is_weights=is_weights,
         )
         out = loss_fn(inputs, config.loss)
         optimizer.zero_grad(set_to_none=True)
         # all ranks apply a step or none does (a rank alone in backward would hang DDP)
         applied = runtime.all_true(torch.isfinite(out.loss).item())
         grad_norm = math.nan
+        term_norms: dict[str, float] = {}
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
         if applied:
+            split = _TermGradients(out.terms, params) if log_terms and out.terms else None
             runtime.backward(out.loss)
             if micro and logps.grad is not None:  # None: the loss ignores the rollouts (DPO)
                 backward_in_micro_batches(
@@ -632,6 +857,8 @@ def train(
                     no_sync=no_sync,
                     share_prompts=share,
                 )
+            if split is not None:
+                term_norms = split.norms(runtime)
             grad_norm = runtime.clip_grad_norm_(wrapped, config.max_grad_norm)
             applied = runtime.all_true(torch.isfinite(grad_norm).item())
             if applied:
@@ -659,7 +886,10 @@ def train(
         # the loss and its metrics: means over the ranks; times: the slowest rank's
         scalars, times = _combine_reports(
             runtime.gather_objects(
-                ({"loss": out.loss.item(), **out.metrics}, (t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+                (
+                    {"loss": out.loss.item(), **out.metrics, **is_metrics},
+                    (t1 - t0, t2 - t1, t3 - t2, t3 - t0),
+                )
             )
         )
         generated_tokens = int(seqs["tokens"].sum().item())
@@ -681,7 +911,11 @@ def train(
             "time_update": times[2],
             "time_step": times[3],
             "tokens_per_second": generated_tokens / max(times[3], 1e-9),
+            "learning_rate": lr_at(step),
         }
+        if paired:
+            row["offline_prompts_skipped"] = preferences.unpaired_prompts
+        row.update({f"grad_norm_{name}": value for name, value in term_norms.items()})
         row.update(scalars)
         for monitor in monitors:
             row.update(monitor(row))
@@ -694,16 +928,20 @@ def train(
         )
 
         if config.log_completions_every and step % config.log_completions_every == 0:
-            parts = runtime.gather_objects(
-                {
-                    "prompt": batch.prompts,
-                    "completion": batch.completions,
-                    "reward": scored.rewards.tolist(),
-                    "advantage": scored.advantages.tolist(),
-                    "side": side_labels(scored.advantages),
-                    "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
-                }
-            )
+            n = len(batch)
+            table = {
+                "source": ["online"] * n,
+                "pair": [-1] * n,
+                "prompt": batch.prompts,
+                "completion": batch.completions,
+                "reward": scored.rewards.tolist(),
+                "advantage": scored.advantages.tolist(),
+                "side": side_labels(scored.advantages),
+                "implicit_reward": (config.loss.beta * log_ratio_ref).tolist(),
+            }
+            if offline is not None:
+                _add_offline_rows(table, offline, config.loss.beta, paired, rank)
+            parts = runtime.gather_objects(table)
             completion_tables.append(
                 pd.DataFrame(
                     {"step": step} | {key: sum((p[key] for p in parts), []) for key in parts[0]}
@@ -741,6 +979,8 @@ def train(
         else pd.DataFrame(
             columns=[
                 "step",
+                "source",
+                "pair",
                 "prompt",
                 "completion",
                 "reward",

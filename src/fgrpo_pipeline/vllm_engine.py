@@ -56,13 +56,14 @@ Read in the vLLM 0.33.0 wheel (``vllm/entrypoints/llm.py``, ``sampling_params.py
 * ``logprobs_mode="processed_logprobs"``: "the values after applying all processors,
   including temperature and top_k/top_p" (``ModelConfig.logprobs_mode``, 0.33.0), i.e. with
   ``top_p = 1``, top-k off and no penalties exactly ``log_softmax(logits / T)`` at the sampled
-  token: the ``old_logps`` of :class:`~fgrpo_pipeline.rollout.RolloutBatch`. Two exceptions,
-  both from the sampler source: with ``top_p < 1`` they are renormalised over the nucleus
-  (the rollout module's convention, like TRL's, ignores top-p truncation: a ratio against
-  the full-vocabulary log-softmax would compare different supports, TRL issue 6945), and
-  greedy requests return them *before* temperature. In those two cases
-  :func:`outputs_to_batch` recomputes ``old_logps`` by teacher forcing with the policy (one
-  no-grad forward pass).
+  token: the ``old_logps`` of :class:`~fgrpo_pipeline.rollout.RolloutBatch`. With
+  ``top_p < 1`` they are renormalised over the nucleus (``apply_top_k_top_p``: ascending
+  sort, drop cumulative probability ≤ 1 − p, keep the most probable token, the rule of
+  transformers' ``TopPLogitsWarper``), which is the rollout module's convention too
+  (:func:`~fgrpo_pipeline.rollout.nucleus_mask`; TRL instead compares them with the
+  full-vocabulary log-softmax, different supports, TRL issue 6945): they are kept. Greedy
+  requests return them *before* temperature; then :func:`outputs_to_batch` recomputes
+  ``old_logps`` by teacher forcing with the policy (one no-grad forward pass).
 * Weight sync: TRL's colocated GRPO (``trl/generation/vllm_generation.py``) calls
   ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights([(name,
   tensor)])`` with the engine in-process (``distributed_executor_backend="external_launcher"``),
@@ -345,12 +346,19 @@ def _teacher_forced(
     completion_ids: Tensor,
     completion_mask: Tensor,
     temperature: float,
+    top_p: float = 1.0,
 ) -> Tensor:
     was_training = model.training
     model.eval()
     try:
         return token_logprobs(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature
+            model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            temperature,
+            top_p=top_p,
         )
     finally:
         model.train(was_training)
@@ -372,9 +380,10 @@ def outputs_to_batch(
     per group; completion ids are cut after the first EOS (kept inside the mask, put back if
     vLLM left it out) and right-padded with the pad id; ``truncated`` marks completions
     without an EOS (``finish_reason == "length"``). ``old_logps`` are vLLM's where they are
-    ``log_softmax(logits / T)`` and recomputed by teacher forcing with the policy where they
-    are not or are missing: with ``top_p < 1``, with greedy decoding at ``T != 1`` and for a
-    stop token vLLM returned no log-prob for (see the module doc). 0 where masked.
+    ``log_softmax(logits / T)`` (renormalised over the nucleus when sampling with
+    ``top_p < 1``) and recomputed by teacher forcing with the policy where they are not or
+    are missing: with greedy decoding at ``T != 1`` and for a stop token vLLM returned no
+    log-prob for (see the module doc). 0 where masked.
     """
     _check_request_args(prompts, group_size)
     if len(outputs) != len(prompts):
@@ -424,13 +433,19 @@ def outputs_to_batch(
     lengths, truncated = lengths.to(device), truncated.to(device)
     completion_mask = keep.float()
 
-    recompute = sampling.top_p < 1 if sampling.do_sample else sampling.temperature != 1
-    if recompute:
+    # vLLM's greedy log-probs are before temperature; sampled ones are the ones needed.
+    if greedy and sampling.temperature != 1:
         old_logps = torch.full_like(old_logps, float("nan"))
     missing = torch.isnan(old_logps) & keep
     if missing.any():
         recomputed = _teacher_forced(
-            model, prompt_ids, prompt_mask, completion_ids, completion_mask, sampling.temperature
+            model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            sampling.temperature,
+            1.0 if greedy else sampling.top_p,
         )
         old_logps = torch.where(missing, recomputed.to(old_logps.dtype), old_logps)
     old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))

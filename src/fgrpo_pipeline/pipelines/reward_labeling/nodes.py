@@ -1,4 +1,5 @@
-"""Nodes of ``reward_labeling``: rewards, group advantages and the aligned/unaligned split.
+"""Nodes of ``reward_labeling``: rewards, group advantages and the aligned/unaligned split
+(rows with advantage 0 are neutral: kept in the labeled table, in neither split).
 
 Parameters: parameters_reward_labeling.yml.
 """
@@ -33,7 +34,8 @@ def check_params(params: dict[str, Any]) -> None:
 def label_rollouts(
     rollouts: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(labeled rollouts, aligned split a > 0, unaligned split a ≤ 0, per-group summary)."""
+    """(labeled rollouts with side aligned / unaligned / neutral, aligned split a > 0,
+    unaligned split a < 0, per-group summary with each side's count)."""
     check_params(params)
     g = validate_rollouts(rollouts, source="rollouts")
     scored = score_rollouts(
