@@ -185,7 +185,7 @@ def project_parameters() -> dict[str, Any]:
 
 def default_prompts(params: Mapping[str, Any]):
     """The train split of ``data_preparation``'s arithmetic prompts."""
-    from fgrpo_pipeline.data_sources import make_arithmetic_prompts
+    from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
 
     options = dict(params["data_preparation"]["arithmetic"])
     options["operations"] = tuple(options["operations"])
@@ -195,8 +195,8 @@ def default_prompts(params: Mapping[str, Any]):
 
 def base_policy(params: Mapping[str, Any], prompts, *, warm: bool = True):
     """The ``base_policy`` pipeline's policy: built locally, warmed up (unless ``warm=False``)."""
-    from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy, set_seed
-    from fgrpo_pipeline.warmup import build_warm_policy
+    from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy, set_seed
+    from fgrpo_pipeline.training.warmup import build_warm_policy
 
     cfg = params["base_policy"]
     if not warm:
@@ -221,7 +221,7 @@ def training_config(params: Mapping[str, Any], **overrides: Any):
     ``sampling`` overrides merge key by key. No checkpoints or completions tables, and
     ``num_threads=0`` (the benchmark sets the threads itself).
     """
-    from fgrpo_pipeline.trainer import TrainerConfig
+    from fgrpo_pipeline.training.config import TrainerConfig
 
     values = {k: v for k, v in params["training"].items() if k not in _RUN_KEYS}
     values = json.loads(json.dumps(values))  # plain containers, no OmegaConf nodes

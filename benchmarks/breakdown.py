@@ -6,7 +6,7 @@ The default size is conf/base's: P = 32 prompts × G = 8 completions per step, 4
 most, the ``base_policy`` pipeline's warmed-up tiny Qwen2 (~130k parameters), f-GRPO with the
 KL divergence and β = 0.1, AdamW. Two measurements, in this order, in one process:
 
-1. ``trainer``: ``fgrpo_pipeline.trainer.train`` itself, read from its per-step columns
+1. ``trainer``: ``fgrpo_pipeline.training.loop.train`` itself, read from its per-step columns
    ``time_generation`` (rollout), ``time_scoring`` (rewards, advantages, reference
    log-probs), ``time_update`` (policy log-probs, loss, backward, clipping, AdamW) and
    ``tokens_per_second`` (generated completion tokens / step time).
@@ -80,7 +80,7 @@ class _Laps:
 
 
 def measure_trainer(policy, prompts, config, warmup: int) -> dict:
-    from fgrpo_pipeline.trainer import train
+    from fgrpo_pipeline.training.loop import train
 
     metrics = train(policy, prompts, config, progress=False).metrics.iloc[warmup:]
     out = {
@@ -98,12 +98,12 @@ def measure_trainer(policy, prompts, config, warmup: int) -> dict:
 
 def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> dict:
     """The trainer's step (no micro-batching, no offline data), one clock per phase."""
-    from fgrpo_pipeline.advantages import frac_reward_zero_std
-    from fgrpo_pipeline.labeling import score_rollouts
-    from fgrpo_pipeline.lora import make_reference
-    from fgrpo_pipeline.losses import LossInputs, get_loss
-    from fgrpo_pipeline.modeling import Policy, set_seed
-    from fgrpo_pipeline.rewards import combine_rewards, get_reward
+    from fgrpo_pipeline.algorithms.advantages import frac_reward_zero_std
+    from fgrpo_pipeline.algorithms.labeling import score_rollouts
+    from fgrpo_pipeline.algorithms.losses import LossInputs, get_loss
+    from fgrpo_pipeline.algorithms.rewards import combine_rewards, get_reward
+    from fgrpo_pipeline.models.lora import make_reference
+    from fgrpo_pipeline.models.policy import Policy, set_seed
     from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine, repeat_each
 
     set_seed(config.seed)

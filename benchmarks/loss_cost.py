@@ -37,8 +37,8 @@ SIZES = {"default": (256, 4), "large": (4096, 256)}
 
 def make_inputs(n: int, t: int, group_size: int, seed: int = 0):
     """Random but realistic per-token tensors; varying lengths, groups with reward spread."""
-    from fgrpo_pipeline.advantages import group_advantages
-    from fgrpo_pipeline.losses import LossInputs
+    from fgrpo_pipeline.algorithms.advantages import group_advantages
+    from fgrpo_pipeline.algorithms.losses import LossInputs
 
     gen = torch.Generator().manual_seed(seed)
     old = -torch.rand(n, t, generator=gen) * 3.0  # log-probs in (-3, 0]
@@ -79,8 +79,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    from fgrpo_pipeline.divergences import DIVERGENCES
-    from fgrpo_pipeline.losses import LossConfig, get_loss
+    from fgrpo_pipeline.algorithms.divergences import DIVERGENCES
+    from fgrpo_pipeline.algorithms.losses import LossConfig, get_loss
 
     common.set_threads(args.threads)
     load = common.wait_for_quiet(args.max_load)

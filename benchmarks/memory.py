@@ -48,7 +48,7 @@ TRAINING_CHILD = textwrap.dedent(
     stages = {{"interpreter": proc.memory_info().rss}}
     import _common as common
     import torch
-    from fgrpo_pipeline.trainer import train
+    from fgrpo_pipeline.training.loop import train
     stages["imports"] = proc.memory_info().rss
     common.set_threads({threads})
     params = common.project_parameters()

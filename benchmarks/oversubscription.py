@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     import json, statistics, sys
     sys.path.insert(0, {bench!r})
     import _common as common
-    from fgrpo_pipeline.trainer import train
+    from fgrpo_pipeline.training.loop import train
     common.set_threads({threads})
     params = common.project_parameters()
     prompts = common.default_prompts(params)

@@ -3,7 +3,7 @@
     python benchmarks/scaling.py [--steps 30] [--warmup-steps 3] [--threads 0]
 
 Two axes, each at × 1, 2 and 4 of the default (conf/base: P = 32, G = 8, 4 new tokens),
-timed with ``fgrpo_pipeline.trainer.train``'s own per-step columns:
+timed with ``fgrpo_pipeline.training.loop.train``'s own per-step columns:
 
 * ``batch``: P = 32, 64, 128 prompts × G = 8 (256, 512, 1024 completions per step), 4 new
   tokens, the ``base_policy`` pipeline's warmed-up policy (the default run's).
@@ -36,7 +36,7 @@ FACTORS = (1, 2, 4)
 
 
 def measure(policy, prompts, config, warmup: int) -> dict:
-    from fgrpo_pipeline.trainer import train
+    from fgrpo_pipeline.training.loop import train
 
     metrics = train(policy, prompts, config, progress=False).metrics.iloc[warmup:]
     row = {col: statistics.median(metrics[col]) for col in PHASES}

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-from fgrpo_pipeline.trainer import TrainerConfig, train
-from fgrpo_pipeline.warmup import supervised_warmup
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.warmup import supervised_warmup
 
 COLUMNS = ("time_generation", "time_scoring", "time_update", "time_step", "tokens_per_second")
 SKIP = 5  # first steps include allocator and kernel warm-up

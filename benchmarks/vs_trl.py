@@ -12,7 +12,7 @@ Both trainers run in this one process on the same work:
   the conf/base parameters) saved with ``save_pretrained`` and loaded back by both; TRL
   loads its reference model from that directory too;
 * the same prompts (the train split of ``data_preparation``), the same reward
-  (``fgrpo_pipeline.rewards.exact_number``, which has TRL's signature and reads the
+  (``fgrpo_pipeline.algorithms.rewards.exact_number``, which has TRL's signature and reads the
   ``ground_truth`` column), P prompts × G completions per optimiser step, the same
   ``max_new_tokens`` / ``max_completion_length``, temperature, top_p = 1 and top-k off;
 * the same optimiser: torch AdamW, the training learning rate, no weight decay, a constant
@@ -53,8 +53,8 @@ import torch
 
 
 def run_ours(model_dir: Path, params, prompts, *, steps: int, warmup: int) -> dict:
-    from fgrpo_pipeline.modeling import load_pretrained_policy
-    from fgrpo_pipeline.trainer import train
+    from fgrpo_pipeline.models.policy import load_pretrained_policy
+    from fgrpo_pipeline.training.loop import train
 
     policy = load_pretrained_policy(str(model_dir), tokenizer="fast", local_files_only=True)
     config = common.training_config(params, steps=warmup + steps)
@@ -101,7 +101,7 @@ def run_trl(model_dir: Path, params, prompts, *, beta: float, steps: int, warmup
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from fgrpo_pipeline.rewards import exact_number
+    from fgrpo_pipeline.algorithms.rewards import exact_number
 
     cfg = common.training_config(params)
     p, g = cfg.prompts_per_step, cfg.group_size

@@ -86,8 +86,8 @@ def run_kedro(project: Path, pipeline_name: str, extra: dict | None = None) -> N
 def half_taught_policy(prompts):
     """A tiny policy warmed up briefly on ``prompts``' train rows: right sometimes, so groups
     have reward spread."""
-    from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-    from fgrpo_pipeline.warmup import supervised_warmup
+    from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+    from fgrpo_pipeline.training.warmup import supervised_warmup
 
     policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
     train = prompts[prompts["split"] == "train"]
@@ -120,8 +120,8 @@ def briefly_warmed_policy():
     tokens (both kinds of completion end appear in a batch)."""
     import random
 
-    from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-    from fgrpo_pipeline.warmup import supervised_warmup
+    from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+    from fgrpo_pipeline.training.warmup import supervised_warmup
 
     rng = random.Random(0)
     pairs = [(rng.randrange(30), rng.randrange(30)) for _ in range(200)]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fgrpo_pipeline.advantages import (
+from fgrpo_pipeline.algorithms.advantages import (
     aligned_mask,
     frac_reward_zero_std,
     group_advantages,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fgrpo_pipeline.rewards import REWARDS
+from fgrpo_pipeline.algorithms.rewards import REWARDS
 from tests.conftest import run_kedro
 
 UPSTREAM = ("data_preparation", "base_policy", "rollout_generation", "reward_labeling")

@@ -8,21 +8,21 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fgrpo_pipeline.comparison import (
+from fgrpo_pipeline.experiments.divergence_sweep import (
     curves_table,
     method_loss,
     method_names,
     run_comparison,
     summarise,
 )
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.evaluation import EvaluationConfig
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
 from fgrpo_pipeline.pipelines.comparison.nodes import (
     check_params,
     compare_divergences,
     sweep_training_params,
 )
-from fgrpo_pipeline.plotting import comparison_curves
+from fgrpo_pipeline.reporting.plots import comparison_curves
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
 from tests.conftest import half_taught_policy
 
 BASE = {"sampled_accuracy": 0.3, "greedy_accuracy": 0.5}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fgrpo_pipeline.data_sources import (
+from fgrpo_pipeline.tasks.sources import (
     PROMPT_COLUMNS,
     load_gsm8k,
     make_arithmetic_prompts,

@@ -20,11 +20,14 @@ import pytest
 import torch
 import yaml
 
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.distributed import check_batch_layout, check_launch
 from fgrpo_pipeline.launch import load_policy, parse_assignments, weights_sha256
 from fgrpo_pipeline.rollout import repeat_each
-from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, _offline_minibatch, train
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.distributed import check_batch_layout, check_launch
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import PreferenceData
+from fgrpo_pipeline.training.preferences import offline_minibatch as _offline_minibatch
 from tests.conftest import half_taught_policy
 
 TRAINING = {
@@ -399,7 +402,7 @@ def test_ranks_score_disjoint_shares_of_one_offline_minibatch(inputs):
     ],
 )
 def test_accelerate_configs_the_cpu_cannot_run_are_refused(monkeypatch, env, message):
-    from fgrpo_pipeline.distributed import AccelerateRuntime
+    from fgrpo_pipeline.training.distributed import AccelerateRuntime
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)

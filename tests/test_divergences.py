@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fgrpo_pipeline.divergences import (
+from fgrpo_pipeline.algorithms.divergences import (
     divergence_names,
     f_divergence,
     get_divergence,

@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fgrpo_pipeline.advantages import ADVANTAGE_SCALES
-from fgrpo_pipeline.input_checks import validate_aligned, validate_unaligned
-from fgrpo_pipeline.labeling import ROLLOUT_COLUMNS, side_labels
-from fgrpo_pipeline.modeling import build_char_tokenizer
+from fgrpo_pipeline.algorithms.advantages import ADVANTAGE_SCALES
+from fgrpo_pipeline.algorithms.labeling import side_labels
+from fgrpo_pipeline.models.policy import build_char_tokenizer
 from fgrpo_pipeline.pipelines.reward_labeling.nodes import label_rollouts
+from fgrpo_pipeline.rollout.tables import ROLLOUT_COLUMNS
+from fgrpo_pipeline.tasks.checks import validate_aligned, validate_unaligned
 
 G = 4
 # (prompt, ground truth, the G completions). Rewards are exact_number + format:

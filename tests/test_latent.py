@@ -9,7 +9,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.latent import (
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.reporting.plots import latent_scatter
+from fgrpo_pipeline.safety.latent import (
     bhattacharyya_distance,
     bhattacharyya_gaussian,
     gaussian_fit,
@@ -17,8 +19,6 @@ from fgrpo_pipeline.latent import (
     latent_projection,
     pca_2d,
 )
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-from fgrpo_pipeline.plotting import latent_scatter
 
 
 def random_spd(d: int, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from fgrpo_pipeline.datasets import AdapterDataset, PolicyDataset
-from fgrpo_pipeline.lora import (
+from fgrpo_pipeline.models.lora import (
     LoraSettings,
     Reference,
     apply_lora,
@@ -23,7 +23,7 @@ from fgrpo_pipeline.lora import (
     reference_mode,
     trainable_parameters,
 )
-from fgrpo_pipeline.modeling import Policy, build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.models.policy import Policy, build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.rollout import HFEngine, SamplingConfig, batch_logprobs, token_logprobs
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
@@ -343,8 +343,9 @@ def test_from_params(tokenizer):
 
 
 def test_the_trainer_trains_only_the_adapter_against_the_unchanged_base(tokenizer):
-    from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-    from fgrpo_pipeline.trainer import TrainerConfig, train
+    from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+    from fgrpo_pipeline.training.config import TrainerConfig
+    from fgrpo_pipeline.training.loop import train
 
     prompts = make_arithmetic_prompts(n_train=16, n_test=0, operations=["+"], operand_max=9)
     policy = _policy(tokenizer)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fgrpo_pipeline.advantages import group_advantages
-from fgrpo_pipeline.divergences import divergence_names
-from fgrpo_pipeline.losses import (
+from fgrpo_pipeline.algorithms.advantages import group_advantages
+from fgrpo_pipeline.algorithms.divergences import divergence_names
+from fgrpo_pipeline.algorithms.losses import (
     LossConfig,
     LossInputs,
     PreferenceInputs,
@@ -79,7 +79,7 @@ def test_f_grpo_gradient_signs(name, weights):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_f_grpo_value_matches_the_formula(name):
-    from fgrpo_pipeline.divergences import get_divergence
+    from fgrpo_pipeline.algorithms.divergences import get_divergence
 
     logps, ref, rewards = _batch(flat_group=False)
     adv = group_advantages(rewards, G)
@@ -172,14 +172,14 @@ def test_fdo_raises_chosen_and_lowers_rejected(name):
 
 def test_fdo_estimate_approaches_divergence_at_its_optimum():
     """Maximising −L_FDO over free per-response scores recovers D_f(P‖Q) (spec §3)."""
-    from fgrpo_pipeline.divergences import f_divergence
+    from fgrpo_pipeline.algorithms.divergences import f_divergence
 
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     q = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
     for name in ("kl", "pearson", "jensen_shannon"):
         scores = torch.zeros(3, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([scores], lr=0.05)
-        from fgrpo_pipeline.divergences import get_divergence
+        from fgrpo_pipeline.algorithms.divergences import get_divergence
 
         div = get_divergence(name)
         for _ in range(3000):
@@ -550,7 +550,7 @@ def test_divergence_estimate_leaves_out_zero_spread_rows():
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_divergence_estimate_uses_the_snis_weights(name):
-    from fgrpo_pipeline.divergences import get_divergence
+    from fgrpo_pipeline.algorithms.divergences import get_divergence
 
     logps, ref, rewards = _batch(flat_group=False)
     adv = group_advantages(rewards, G)
@@ -582,7 +582,7 @@ def test_grpo_uses_the_importance_weights_on_the_policy_term_only():
 
 
 def test_truncated_importance_weights_cap_and_report():
-    from fgrpo_pipeline.losses import truncated_importance_weights
+    from fgrpo_pipeline.algorithms.losses import truncated_importance_weights
 
     old = torch.zeros(2, 3)
     engine = torch.tensor([[0.0, -1.0, 1.0], [-0.5, 0.0, 0.0]])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fgrpo_pipeline.mlflow_tracking import UnavailableTrackingWarning, store_problem
+from fgrpo_pipeline.tracking import UnavailableTrackingWarning, store_problem
 from tests.conftest import run_kedro
 
 

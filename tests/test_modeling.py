@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-from fgrpo_pipeline.modeling import (
+from fgrpo_pipeline.models.policy import (
     Policy,
     build_char_tokenizer,
     build_tiny_policy,
     set_seed,
 )
 from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
-from fgrpo_pipeline.warmup import supervised_warmup
+from fgrpo_pipeline.training.warmup import supervised_warmup
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 TINY["intermediate_size"] = 64

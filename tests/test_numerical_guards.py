@@ -4,8 +4,8 @@ non-finite steps, at extreme values."""
 import pytest
 import torch
 
-from fgrpo_pipeline.divergences import divergence_names
-from fgrpo_pipeline.losses import (
+from fgrpo_pipeline.algorithms.divergences import divergence_names
+from fgrpo_pipeline.algorithms.losses import (
     DEFAULT_REWARD_BOUND,
     MAX_TOKEN_LOG_RATIO,
     LossConfig,
@@ -112,7 +112,7 @@ def test_bad_bounds_are_rejected(bound):
 @pytest.fixture
 def nan_on_even_steps():
     """A registered loss (a plugin, as any new loss is) that is NaN on every second call."""
-    from fgrpo_pipeline.losses import LOSSES, get_loss
+    from fgrpo_pipeline.algorithms.losses import LOSSES, get_loss
 
     calls = {"n": 0}
     f_grpo = get_loss("f_grpo")
@@ -130,8 +130,9 @@ def nan_on_even_steps():
 
 
 def test_a_non_finite_step_is_skipped_counted_and_never_applied(nan_on_even_steps):
-    from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-    from fgrpo_pipeline.trainer import TrainerConfig, train
+    from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+    from fgrpo_pipeline.training.config import TrainerConfig
+    from fgrpo_pipeline.training.loop import train
     from tests.conftest import half_taught_policy
 
     prompts = make_arithmetic_prompts(n_train=20, n_test=0, operations=("+",), operand_max=9)

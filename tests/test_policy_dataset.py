@@ -11,7 +11,7 @@ import torch
 from kedro.io import DataCatalog, DatasetError, Version
 
 from fgrpo_pipeline.datasets import PolicyDataset
-from fgrpo_pipeline.modeling import Policy, build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.models.policy import Policy, build_char_tokenizer, build_tiny_policy
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 TINY["intermediate_size"] = 64

@@ -7,7 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy, load_pretrained_policy
+from fgrpo_pipeline.models.policy import (
+    build_char_tokenizer,
+    build_tiny_policy,
+    load_pretrained_policy,
+)
 from tests.conftest import PROJECT_ROOT
 
 SAMPLE = str(PROJECT_ROOT / "tests/data/gsm8k_sample.jsonl")

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
 from fgrpo_pipeline.datasets import PolicyDataset
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-from fgrpo_pipeline.trainer import TrainerConfig, train
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.loop import train
 from tests.conftest import half_taught_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,8 @@ sys.path.insert(0, {root!r})
 import pandas as pd, torch
 torch.set_num_threads(1)
 from fgrpo_pipeline.datasets import PolicyDataset
-from fgrpo_pipeline.trainer import TrainerConfig, train
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.loop import train
 from tests.test_resume import PARAMS, RunningMean
 
 def on_step(step, row):

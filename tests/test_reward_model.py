@@ -10,8 +10,8 @@ import torch
 from kedro.io import DataCatalog, DatasetError, Version
 
 from fgrpo_pipeline.datasets import PolicyDataset, RewardModelDataset
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-from fgrpo_pipeline.reward_model import (
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.safety.reward_model import (
     RewardModel,
     build_reward_model,
     pairwise_accuracy,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fgrpo_pipeline.rewards import (
+from fgrpo_pipeline.algorithms.rewards import (
     REWARDS,
     combine_rewards,
     get_reward,

@@ -8,17 +8,17 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.rollout import (
     ENGINES,
     HFEngine,
     RolloutBatch,
     SamplingConfig,
-    _sampled_logps,
     get_engine,
     nucleus_mask,
     token_logprobs,
 )
+from fgrpo_pipeline.rollout.logprobs import sampled_logps
 from tests.conftest import ENGINE_PROMPTS as PROMPTS
 from tests.conftest import TINY_MODEL as TINY
 from tests.conftest import briefly_warmed_policy
@@ -287,7 +287,7 @@ def test_the_truncated_distribution_sums_to_one_over_the_nucleus(untrained, temp
         logits = untrained.model(**encoded).logits[:, -3:].reshape(-1, len(untrained.tokenizer))
     n, v = logits.shape
     # every token of the vocabulary as the "sampled" one, at each of the n steps
-    probs = _sampled_logps(
+    probs = sampled_logps(
         logits.unsqueeze(1).expand(n, v, v), torch.arange(v).expand(n, v), temperature, top_p
     ).exp()
     scaled = logits.float() / temperature

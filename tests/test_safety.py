@@ -4,12 +4,12 @@ import math
 
 import pytest
 
-from fgrpo_pipeline.safety import RewardHackingMonitor, gold_judge, is_refusal, safety_metrics
-from fgrpo_pipeline.safety_data import (
+from fgrpo_pipeline.safety.data import (
     COMPLIANCE_TEMPLATES,
     REFUSAL_TEMPLATES,
     make_safety_records,
 )
+from fgrpo_pipeline.safety.judge import RewardHackingMonitor, gold_judge, is_refusal, safety_metrics
 
 
 @pytest.mark.parametrize(

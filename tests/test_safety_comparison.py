@@ -9,24 +9,26 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from fgrpo_pipeline.evaluation import EvaluationConfig
-from fgrpo_pipeline.modeling import build_char_tokenizer, build_tiny_policy
-from fgrpo_pipeline.reward_model import build_reward_model, reward_model_reward
-from fgrpo_pipeline.safety import NEITHER, GoldJudge
-from fgrpo_pipeline.safety_comparison import (
+from fgrpo_pipeline.experiments.safety_sweep import (
     METRICS,
     Anchors,
     check_lams_and_seeds,
     run_safety_comparison,
     safety_table,
 )
-from fgrpo_pipeline.safety_data import (
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
+from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+from fgrpo_pipeline.safety.data import (
     aligned_unaligned,
     make_safety_records,
     safety_prompts,
     split_records,
 )
-from fgrpo_pipeline.trainer import TrainerConfig, preferences_from_splits, train
+from fgrpo_pipeline.safety.judge import NEITHER, GoldJudge
+from fgrpo_pipeline.safety.reward_model import build_reward_model, reward_model_reward
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import preferences_from_splits
 from tests.conftest import run_kedro
 
 SMALL_MODEL = {"hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 96}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fgrpo_pipeline.safety_data import (
+from fgrpo_pipeline.safety.data import (
     BENIGN,
     BENIGN_VERBS,
     COMPLIANCE_TEMPLATES,

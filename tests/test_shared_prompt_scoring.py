@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from fgrpo_pipeline.lora import LoraSettings, apply_lora, make_reference
+from fgrpo_pipeline.models.lora import LoraSettings, apply_lora, make_reference
 from fgrpo_pipeline.rollout import (
     RolloutBatch,
     SamplingConfig,

@@ -7,9 +7,9 @@ expected reward Σ_y π(y)·r(y). Theory: it rises toward the best response's re
 import pytest
 import torch
 
-from fgrpo_pipeline.advantages import group_advantages
-from fgrpo_pipeline.divergences import divergence_names
-from fgrpo_pipeline.losses import LossConfig, LossInputs, get_loss
+from fgrpo_pipeline.algorithms.advantages import group_advantages
+from fgrpo_pipeline.algorithms.divergences import divergence_names
+from fgrpo_pipeline.algorithms.losses import LossConfig, LossInputs, get_loss
 
 K = 8
 REWARDS = torch.linspace(0.0, 1.0, K, dtype=torch.float64)  # best response: reward 1

@@ -8,7 +8,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from mlflow.tracking import MlflowClient
 
-from fgrpo_pipeline.mlflow_tracking import metric_name
+from fgrpo_pipeline.tracking import metric_name
 from tests.conftest import SMALL_RUN, run_kedro
 
 pytestmark = pytest.mark.slow

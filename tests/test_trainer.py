@@ -4,8 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.trainer import PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import PreferenceData
 from tests.conftest import half_taught_policy
 
 TIMING = ["time_generation", "time_scoring", "time_update", "time_step", "tokens_per_second"]
@@ -133,7 +135,7 @@ def test_micro_batches_accumulate_exactly_the_whole_batch_gradient(policy, promp
 @pytest.mark.parametrize("size", [1, 3, 5])
 def test_backward_in_micro_batches_gives_the_whole_batch_gradient(policy, prompts, size):
     from fgrpo_pipeline.rollout import HFEngine, SamplingConfig, batch_logprobs
-    from fgrpo_pipeline.trainer import backward_in_micro_batches
+    from fgrpo_pipeline.training.step import backward_in_micro_batches
 
     model = policy.model
     batch = HFEngine().generate(

@@ -10,16 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from fgrpo_pipeline.data_sources import make_arithmetic_prompts
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import ENGINES, HFEngine
-from fgrpo_pipeline.trainer import (
-    PreferenceData,
-    TrainerConfig,
-    _offline_minibatch,
-    lr_factor,
-    train,
-)
+from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+from fgrpo_pipeline.training.config import TrainerConfig, lr_factor
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import PreferenceData
+from fgrpo_pipeline.training.preferences import offline_minibatch as _offline_minibatch
 from tests.conftest import half_taught_policy
 
 
@@ -155,7 +152,7 @@ def test_the_engine_correction_is_capped_and_can_be_switched_off(policy, prompts
 def test_the_correction_gives_snis_the_engine_as_proposal():
     """snis weights softmax r − log q(y) over the proposal q the responses came from: with
     the correction, q is the engine's distribution (π_old / uncapped weight), not π_old."""
-    from fgrpo_pipeline.losses import LossConfig, LossInputs, get_loss
+    from fgrpo_pipeline.algorithms.losses import LossConfig, LossInputs, get_loss
 
     gen = torch.Generator().manual_seed(0)
     n, t, g = 8, 3, 4

@@ -24,8 +24,7 @@ import torch
 from safetensors import safe_open
 
 import fgrpo_pipeline
-from fgrpo_pipeline.labeling import rollouts_to_table
-from fgrpo_pipeline.lora import LoraSettings, apply_lora
+from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
 from fgrpo_pipeline.rollout import (
     ENGINES,
     RolloutBatch,
@@ -33,7 +32,8 @@ from fgrpo_pipeline.rollout import (
     get_engine,
     token_logprobs,
 )
-from fgrpo_pipeline.vllm_engine import (
+from fgrpo_pipeline.rollout.tables import rollouts_to_table
+from fgrpo_pipeline.rollout.vllm import (
     LOGPROBS_MODE,
     SUPPORTED_VLLM,
     VLLMEngine,

@@ -7,15 +7,6 @@ import logging
 
 from kedro.framework.hooks import hook_impl
 
-from fgrpo_pipeline.data_sources import validate_prompts
-from fgrpo_pipeline.input_checks import (
-    validate_aligned,
-    validate_pairs,
-    validate_rollouts,
-    validate_safety_prompts,
-    validate_sides,
-    validate_unaligned,
-)
 from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
 from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
 from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
@@ -29,7 +20,16 @@ from fgrpo_pipeline.pipelines.safety_data.nodes import check_params as check_saf
 from fgrpo_pipeline.pipelines.safety_training.nodes import check_evaluation_params
 from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_safety_training
 from fgrpo_pipeline.pipelines.training.nodes import check_params as check_training
-from fgrpo_pipeline.safety_data import validate_records
+from fgrpo_pipeline.safety.data import validate_records
+from fgrpo_pipeline.tasks.checks import (
+    validate_aligned,
+    validate_pairs,
+    validate_rollouts,
+    validate_safety_prompts,
+    validate_sides,
+    validate_unaligned,
+)
+from fgrpo_pipeline.tasks.sources import validate_prompts
 
 logger = logging.getLogger(__name__)
 

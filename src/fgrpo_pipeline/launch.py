@@ -1,7 +1,7 @@
 """Entry point of multi-process training: ``accelerate launch ... -m fgrpo_pipeline.launch``.
 
 Every process (rank) runs this module with the same arguments; :func:`trainer.train` shards
-each step's prompts across them (see :mod:`fgrpo_pipeline.distributed`). Two modes:
+each step's prompts across them (see :mod:`fgrpo_pipeline.training.distributed`). Two modes:
 
 ``files``: the policy, prompts and parameters from files, no Kedro::
 
@@ -162,7 +162,7 @@ def load_policy(path: str | Path):
     """A ``save_pretrained`` directory (as PolicyDataset writes it), read without a hub."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from fgrpo_pipeline.modeling import Policy
+    from fgrpo_pipeline.models.policy import Policy
 
     model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
@@ -187,16 +187,12 @@ class RecordingReward:
 
 def run_files(args: argparse.Namespace) -> int:
     """``files`` mode: train on every rank, write the rank files and rank 0's outputs."""
-    from fgrpo_pipeline.distributed import world_size
-    from fgrpo_pipeline.lora import merge_for_export
-    from fgrpo_pipeline.rewards import combine_rewards
-    from fgrpo_pipeline.trainer import (
-        RUN_KEYS,
-        TrainerConfig,
-        check_run_params,
-        preferences_from_splits,
-        train,
-    )
+    from fgrpo_pipeline.algorithms.rewards import combine_rewards
+    from fgrpo_pipeline.models.lora import merge_for_export
+    from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
+    from fgrpo_pipeline.training.distributed import world_size
+    from fgrpo_pipeline.training.loop import train
+    from fgrpo_pipeline.training.preferences import preferences_from_splits
 
     params = load_params(args.params, parse_assignments(args.set))
     check_run_params(params)
@@ -345,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     finally:
-        from fgrpo_pipeline.distributed import destroy_process_group
+        from fgrpo_pipeline.training.distributed import destroy_process_group
 
         destroy_process_group()
 

@@ -12,8 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from fgrpo_pipeline.datasets.policy_dataset import PolicyDataset
-from fgrpo_pipeline.lora import is_lora, quiet_peft
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.lora import is_lora, quiet_peft
+from fgrpo_pipeline.models.policy import Policy
 
 
 class AdapterDataset(PolicyDataset):

@@ -22,7 +22,7 @@ from kedro.io.core import (
 )
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 
 
 class PolicyDataset(AbstractVersionedDataset[Policy, Policy]):

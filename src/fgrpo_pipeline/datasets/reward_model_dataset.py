@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoModelForSequenceClassification
 
 from fgrpo_pipeline.datasets.policy_dataset import PolicyDataset
-from fgrpo_pipeline.reward_model import RewardModel
+from fgrpo_pipeline.safety.reward_model import RewardModel
 
 
 class RewardModelDataset(PolicyDataset):

@@ -11,8 +11,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import Policy, load_pretrained_policy
-from fgrpo_pipeline.warmup import build_warm_policy
+from fgrpo_pipeline.models.policy import Policy, load_pretrained_policy
+from fgrpo_pipeline.training.warmup import build_warm_policy
 
 MODEL_KEYS = (
     "hidden_size",

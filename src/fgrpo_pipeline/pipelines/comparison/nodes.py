@@ -18,7 +18,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.comparison import (
+from fgrpo_pipeline.experiments.divergence_sweep import (
     SWEPT_KEYS,
     check_methods_and_seeds,
     method_loss,
@@ -26,11 +26,12 @@ from fgrpo_pipeline.comparison import (
     run_comparison,
     run_params,
 )
-from fgrpo_pipeline.mlflow_tracking import ChildRuns
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
-from fgrpo_pipeline.plotting import comparison_curves
-from fgrpo_pipeline.trainer import TrainerConfig, preferences_from_splits
+from fgrpo_pipeline.reporting.plots import comparison_curves
+from fgrpo_pipeline.tracking import ChildRuns
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.preferences import preferences_from_splits
 
 FILE = "parameters_comparison.yml"
 KEYS = ("methods", "seeds", "training_overrides", "num_threads", "progress")

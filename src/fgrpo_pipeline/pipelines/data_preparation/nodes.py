@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from fgrpo_pipeline.data_sources import load_gsm8k, make_arithmetic_prompts, validate_prompts
+from fgrpo_pipeline.tasks.sources import load_gsm8k, make_arithmetic_prompts, validate_prompts
 
 SOURCES = ("arithmetic", "gsm8k")
 

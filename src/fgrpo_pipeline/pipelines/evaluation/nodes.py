@@ -10,9 +10,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.plotting import training_curves
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.reporting.plots import training_curves
 
 RUN_KEYS = ("split",)
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import pandas as pd
 
-from fgrpo_pipeline.advantages import ADVANTAGE_SCALES
-from fgrpo_pipeline.input_checks import validate_rollouts
-from fgrpo_pipeline.labeling import (
+from fgrpo_pipeline.algorithms.advantages import ADVANTAGE_SCALES
+from fgrpo_pipeline.algorithms.labeling import (
     label_table,
     score_rollouts,
     split_sides,
     summarise_groups,
 )
-from fgrpo_pipeline.rewards import REWARDS, combine_rewards, get_reward
+from fgrpo_pipeline.algorithms.rewards import REWARDS, combine_rewards, get_reward
+from fgrpo_pipeline.tasks.checks import validate_rollouts
 
 
 def check_params(params: dict[str, Any]) -> None:

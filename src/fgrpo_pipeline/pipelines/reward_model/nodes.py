@@ -11,15 +11,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import build_char_tokenizer, set_seed
+from fgrpo_pipeline.models.policy import build_char_tokenizer, set_seed
 from fgrpo_pipeline.pipelines.base_policy.nodes import MODEL_KEYS
-from fgrpo_pipeline.reward_model import (
+from fgrpo_pipeline.safety.data import BENIGN, HARMFUL, SAFETY_LABELS
+from fgrpo_pipeline.safety.reward_model import (
     RewardModel,
     build_reward_model,
     pairwise_accuracy,
     train_reward_model,
 )
-from fgrpo_pipeline.safety_data import BENIGN, HARMFUL, SAFETY_LABELS
 
 FILE = "parameters_reward_model.yml"
 KEYS = ("seed", "num_threads", "progress", "model", "training")

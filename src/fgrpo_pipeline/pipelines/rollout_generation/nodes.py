@@ -12,9 +12,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.labeling import rollouts_to_table
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine, repeat_each
+from fgrpo_pipeline.rollout.tables import rollouts_to_table
 
 
 def check_params(params: dict[str, Any]) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_warm_policy
-from fgrpo_pipeline.safety_data import sft_examples
-from fgrpo_pipeline.warmup import build_warm_policy
+from fgrpo_pipeline.safety.data import sft_examples
+from fgrpo_pipeline.training.warmup import build_warm_policy
 
 FILE = "parameters_safety_base_policy.yml"
 KEYS = ("seed", "num_threads", "progress", "refusal_rate", "model", "warmup")

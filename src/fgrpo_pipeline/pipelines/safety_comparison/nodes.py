@@ -18,20 +18,7 @@ import mlflow
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.latent import latent_projection
-from fgrpo_pipeline.mlflow_tracking import ChildRuns
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.pipelines.comparison.nodes import check_sweep_options
-from fgrpo_pipeline.pipelines.safety_training.nodes import (
-    JUDGE_KEY,
-    MONITOR_KEY,
-    check_evaluation_params,
-)
-from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_training
-from fgrpo_pipeline.plotting import comparison_curves, latent_scatter, safety_comparison_bars
-from fgrpo_pipeline.reward_model import RewardModel, reward_model_reward
-from fgrpo_pipeline.safety import GoldJudge
-from fgrpo_pipeline.safety_comparison import (
+from fgrpo_pipeline.experiments.safety_sweep import (
     METRICS,
     SWEPT_KEYS,
     Anchors,
@@ -40,7 +27,21 @@ from fgrpo_pipeline.safety_comparison import (
     run_params,
     run_safety_comparison,
 )
-from fgrpo_pipeline.trainer import TrainerConfig, preferences_from_splits
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.pipelines.comparison.nodes import check_sweep_options
+from fgrpo_pipeline.pipelines.safety_training.nodes import (
+    JUDGE_KEY,
+    MONITOR_KEY,
+    check_evaluation_params,
+)
+from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_training
+from fgrpo_pipeline.reporting.plots import comparison_curves, latent_scatter, safety_comparison_bars
+from fgrpo_pipeline.safety.judge import GoldJudge
+from fgrpo_pipeline.safety.latent import latent_projection
+from fgrpo_pipeline.safety.reward_model import RewardModel, reward_model_reward
+from fgrpo_pipeline.tracking import ChildRuns
+from fgrpo_pipeline.training.config import TrainerConfig
+from fgrpo_pipeline.training.preferences import preferences_from_splits
 
 FILE = "parameters_safety_comparison.yml"
 KEYS = ("lams", "seeds", "training_overrides", "num_threads", "progress")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from fgrpo_pipeline.safety_data import (
+from fgrpo_pipeline.safety.data import (
     aligned_unaligned,
     load_compliance_refusal,
     load_preference_pairs,

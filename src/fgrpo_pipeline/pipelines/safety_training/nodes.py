@@ -13,20 +13,16 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.evaluation import EvaluationConfig
-from fgrpo_pipeline.latent import latent_projection
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.plotting import latent_scatter, reward_hacking_curves
-from fgrpo_pipeline.reward_model import RewardModel, reward_model_reward
-from fgrpo_pipeline.safety import GoldJudge, RewardHackingMonitor
-from fgrpo_pipeline.safety_comparison import Anchors, evaluate_safety
-from fgrpo_pipeline.trainer import (
-    RUN_KEYS,
-    TrainerConfig,
-    check_run_params,
-    preferences_from_splits,
-    train,
-)
+from fgrpo_pipeline.experiments.safety_sweep import Anchors, evaluate_safety
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.reporting.plots import latent_scatter, reward_hacking_curves
+from fgrpo_pipeline.safety.judge import GoldJudge, RewardHackingMonitor
+from fgrpo_pipeline.safety.latent import latent_projection
+from fgrpo_pipeline.safety.reward_model import RewardModel, reward_model_reward
+from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import preferences_from_splits
 
 FILE = "parameters_safety_training.yml"
 EVALUATION_FILE = "parameters_safety_evaluation.yml"

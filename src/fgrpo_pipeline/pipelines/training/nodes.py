@@ -10,15 +10,11 @@ from typing import Any
 
 import pandas as pd
 
-from fgrpo_pipeline.lora import merge_for_export
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import (
-    RUN_KEYS,
-    TrainerConfig,
-    check_run_params,
-    preferences_from_splits,
-    train,
-)
+from fgrpo_pipeline.models.lora import merge_for_export
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import preferences_from_splits
 
 
 def check_params(params: dict[str, Any]) -> TrainerConfig:

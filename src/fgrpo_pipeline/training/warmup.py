@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from fgrpo_pipeline.modeling import Policy, build_char_tokenizer, build_tiny_policy, set_seed
+from fgrpo_pipeline.models.policy import Policy, build_char_tokenizer, build_tiny_policy, set_seed
 from fgrpo_pipeline.rollout import token_logprobs
 
 

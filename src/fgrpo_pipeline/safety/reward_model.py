@@ -25,8 +25,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from fgrpo_pipeline.modeling import tiny_qwen2_config
-from fgrpo_pipeline.warmup import index_batches
+from fgrpo_pipeline.models.policy import tiny_qwen2_config
+from fgrpo_pipeline.training.warmup import index_batches
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 

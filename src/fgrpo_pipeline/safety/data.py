@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fgrpo_pipeline.data_sources import read_jsonl_objects
+from fgrpo_pipeline.tasks.sources import read_jsonl_objects
 
 HARMFUL = "harmful"
 BENIGN = "benign"

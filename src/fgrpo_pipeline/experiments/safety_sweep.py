@@ -1,7 +1,7 @@
 """The safety comparison: f-HAL at several λ against the base policy, S seeds.
 
 Plain Python/torch (no Kedro, no MLflow). Each (λ, seed) trains a copy of the same base
-policy with :func:`fgrpo_pipeline.trainer.train` and loss ``f_hal``: the on-policy part is
+policy with :func:`fgrpo_pipeline.training.loop.train` and loss ``f_hal``: the on-policy part is
 rewarded by the learned reward model, the off-policy part draws from the compliance–refusal
 preference data; λ = 0 is pure f-GRPO, λ = 1 pure FDO. The gold judge only measures: per
 step on the training rollouts (the reward-hacking monitor) and on the held-out prompts.
@@ -22,14 +22,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fgrpo_pipeline.comparison import check_seeds, sweep_plan
-from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
-from fgrpo_pipeline.latent import bhattacharyya_distance, last_prompt_hidden_states
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.rewards import RewardFn
-from fgrpo_pipeline.safety import GoldJudge, RewardHackingMonitor, gold_judge
-from fgrpo_pipeline.safety_data import BENIGN, HARMFUL
-from fgrpo_pipeline.trainer import RUN_KEYS, PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.algorithms.rewards import RewardFn
+from fgrpo_pipeline.experiments.divergence_sweep import check_seeds, sweep_plan
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.safety.data import BENIGN, HARMFUL
+from fgrpo_pipeline.safety.judge import GoldJudge, RewardHackingMonitor, gold_judge
+from fgrpo_pipeline.safety.latent import bhattacharyya_distance, last_prompt_hidden_states
+from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import PreferenceData
 
 logger = logging.getLogger(__name__)
 

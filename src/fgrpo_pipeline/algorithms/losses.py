@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgrpo_pipeline.advantages import check_group_layout
-from fgrpo_pipeline.divergences import DIVERGENCES, Divergence, get_divergence
-from fgrpo_pipeline.registry import Registry
+from fgrpo_pipeline.algorithms.advantages import check_group_layout
+from fgrpo_pipeline.algorithms.divergences import DIVERGENCES, Divergence, get_divergence
+from fgrpo_pipeline.algorithms.registry import Registry
 
 WEIGHT_SCHEMES = ("uniform", "snis")
 GRPO_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")

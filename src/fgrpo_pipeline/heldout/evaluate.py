@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.labeling import score_rollouts
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.rewards import RewardFn, combine_rewards, get_reward
+from fgrpo_pipeline.algorithms.labeling import score_rollouts
+from fgrpo_pipeline.algorithms.rewards import RewardFn, combine_rewards, get_reward
+from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import (
     ENGINES,
     SamplingConfig,

@@ -112,15 +112,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.rollout import (
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.rollout.engine import (
     ENGINES,
     RolloutBatch,
     SamplingConfig,
-    _eos_ids,
+    policy_eos_ids,
     repeat_each,
-    token_logprobs,
 )
+from fgrpo_pipeline.rollout.logprobs import token_logprobs
 
 SUPPORTED_VLLM = ">=0.10.2,<0.34"
 INSTALL_HINT = "pip install -e '.[gpu]' on a CUDA machine"
@@ -261,7 +261,7 @@ def build_requests(
     kwargs: dict[str, Any] = {
         "max_tokens": sampling.max_new_tokens,
         "logprobs": 0,  # the sampled token's log-prob only
-        "stop_token_ids": _eos_ids(policy),
+        "stop_token_ids": policy_eos_ids(policy),
         "ignore_eos": True,
         "detokenize": False,  # completions are decoded with the policy's tokenizer
     }
@@ -392,7 +392,7 @@ def outputs_to_batch(
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         raise ValueError("the policy's tokenizer has no pad token")
-    eos_ids = _eos_ids(policy)
+    eos_ids = policy_eos_ids(policy)
     greedy = not sampling.do_sample
 
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
@@ -489,7 +489,7 @@ def _version(model: nn.Module) -> tuple[int, int]:
 
 
 def _is_lora(policy: Policy) -> bool:
-    from fgrpo_pipeline.lora import is_lora
+    from fgrpo_pipeline.models.lora import is_lora
 
     return is_lora(policy)
 
@@ -497,7 +497,7 @@ def _is_lora(policy: Policy) -> bool:
 def _full_weights(policy: Policy) -> list[tuple[str, Tensor]]:
     """The policy's weights under Hugging Face names; a LoRA policy's merged into the base."""
     if _is_lora(policy):
-        from fgrpo_pipeline.lora import merge_for_export
+        from fgrpo_pipeline.models.lora import merge_for_export
 
         policy = merge_for_export(policy)
     return list(policy.model.named_parameters())
@@ -598,7 +598,7 @@ class VLLMEngine:
             # The base alone: the adapter's layers unwrapped, nothing merged.
             model = copy.deepcopy(policy.model).unload()
         elif lora:
-            from fgrpo_pipeline.lora import merge_for_export
+            from fgrpo_pipeline.models.lora import merge_for_export
 
             model = merge_for_export(policy).model
         else:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fgrpo_pipeline.registry import Registry
+from fgrpo_pipeline.algorithms.registry import Registry
 
 LN2 = math.log(2.0)
 

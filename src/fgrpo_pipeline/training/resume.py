@@ -1,6 +1,6 @@
 """Resume states of the online loop: everything a killed run needs to continue exactly.
 
-Plain torch (no Kedro, no MLflow); used by :func:`fgrpo_pipeline.trainer.train`. A state is
+Plain torch (no Kedro, no MLflow); used by :func:`fgrpo_pipeline.training.loop.train`. A state is
 written atomically (staged beside its target, fsynced, renamed) and checked against a
 fingerprint of the run before anything is loaded.
 """
@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 
 if TYPE_CHECKING:
-    from fgrpo_pipeline.rewards import RewardFn
-    from fgrpo_pipeline.trainer import PreferenceData, StepMonitor, TrainerConfig
+    from fgrpo_pipeline.algorithms.rewards import RewardFn
+    from fgrpo_pipeline.training.config import StepMonitor, TrainerConfig
+    from fgrpo_pipeline.training.preferences import PreferenceData
 
 # Training parameters a resumed run may change: how long, how often to save, threads.
 RESUME_FREE_KEYS = ("steps", "checkpoint_every", "num_threads")
@@ -118,6 +119,50 @@ def fingerprint(
         "correctness_fn": _callable_name(correctness_fn),
         "monitors": [_callable_name(m) for m in monitors],
     }
+
+
+# Options added after resume states existed, left out of the fingerprint at their
+# defaults (which compute what the states' runs computed), so such states still resume.
+_LATER_DEFAULTS = {
+    "mixed_precision": "no",
+    "share_prompts": True,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "engine_is_correction": "auto",
+    "engine_is_cap": 2.0,
+}
+_LATER_LOSS_DEFAULTS = {"hal_scaling": "paper", "epsilon_high": None, "drop_zero_spread": False}
+
+
+def run_fingerprint(
+    config: TrainerConfig,
+    policy: Policy,
+    prompts: pd.DataFrame,
+    preferences: PreferenceData | None,
+    reward_fn: RewardFn | None,
+    correctness_fn: RewardFn | None,
+    monitors: Sequence[StepMonitor],
+    *,
+    num_processes: int,
+    sharded_weights: bool,
+) -> dict[str, Any]:
+    """:func:`fingerprint` of a run: ``gradient_checkpointing`` changes memory, not what a
+    step computes, so a run may resume with another value; options added later are left out
+    at their defaults, as is a single process's ``num_processes``, so states written before
+    these existed still resume; a state of N processes resumes only with N, and a sharded
+    run's optimiser state is saved by parameter name (gathered from the shards)."""
+    found = fingerprint(config, policy, prompts, preferences, reward_fn, correctness_fn, monitors)
+    run = found["config"]
+    run.pop("gradient_checkpointing", None)
+    for defaults, block in ((_LATER_DEFAULTS, run), (_LATER_LOSS_DEFAULTS, run.get("loss", {}))):
+        for key, default in defaults.items():
+            if key in block and block[key] == default:
+                block.pop(key)
+    if num_processes > 1:
+        run["num_processes"] = num_processes
+    if sharded_weights:
+        run["sharded_weights"] = True
+    return found
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

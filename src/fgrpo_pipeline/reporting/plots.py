@@ -54,9 +54,10 @@ def comparison_curves(
     """Per-step curves of every method: the mean over seeds (rolling-mean smoothed) as a line,
     the min–max over seeds of the smoothed per-seed curves as a band. GRPO is black dashed.
 
-    ``curves`` is the long table of :func:`fgrpo_pipeline.comparison.curves_table` (method,
-    seed, step and metric columns). ``panels`` are (column, title) pairs; by default reward
-    and accuracy, and KL to the reference when the table has it. A panel whose column has no
+    ``curves`` is the long table of :func:`fgrpo_pipeline.experiments.divergence_sweep.curves_table`
+    (method, seed, step and metric columns). ``panels`` are (column, title) pairs; by default
+    reward and accuracy, and KL to the reference when the table has it.
+    A panel whose column has no
     value is left out.
     """
     panels = [
@@ -115,7 +116,7 @@ SAFETY_COLOURS = (("harmful", "tab:red"), ("benign", "tab:blue"))
 def latent_scatter(table: pd.DataFrame, title: str = "latent separation") -> Figure:
     """One PCA scatter per model (table order), harmful vs benign, titled with its D_B.
 
-    ``table`` is :func:`fgrpo_pipeline.latent.latent_projection` (model, safety, pc1, pc2,
+    ``table`` is :func:`fgrpo_pipeline.safety.latent.latent_projection` (model, safety, pc1, pc2,
     bhattacharyya). Each model has its own PCA, so axes are not shared between panels.
     """
     models = list(dict.fromkeys(table["model"]))

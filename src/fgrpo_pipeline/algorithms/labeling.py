@@ -18,22 +18,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from fgrpo_pipeline.advantages import group_advantages, group_stats
-from fgrpo_pipeline.rewards import score_completions
-from fgrpo_pipeline.rollout import RolloutBatch
+from fgrpo_pipeline.algorithms.advantages import group_advantages, group_stats
+from fgrpo_pipeline.algorithms.rewards import score_completions
 
-ROLLOUT_COLUMNS = (
-    "group",
-    "prompt_id",
-    "prompt",
-    "ground_truth",
-    "completion",
-    "completion_ids",
-    "old_logps",
-    "ref_logps",
-    "length",
-    "truncated",
-)
 LABEL_COLUMNS = ("reward", "correct", "advantage", "side")
 
 
@@ -73,34 +60,6 @@ def side_labels(advantages: Tensor) -> list[str]:
     return [
         "aligned" if a > 0 else "unaligned" if a < 0 else "neutral" for a in advantages.tolist()
     ]
-
-
-def _ragged(values: Tensor, lengths: Tensor) -> list[list]:
-    return [row[:n].tolist() for row, n in zip(values, lengths.tolist(), strict=True)]
-
-
-def rollouts_to_table(
-    batch: RolloutBatch,
-    prompt_ids: Sequence[str],
-    ground_truths: Sequence[str],
-    ref_logps: Tensor,
-) -> pd.DataFrame:
-    """One row per completion: ids, text, token ids and per-token log-probs (ragged lists)."""
-    lengths = batch.lengths
-    return pd.DataFrame(
-        {
-            "group": [i // batch.group_size for i in range(len(batch.prompts))],
-            "prompt_id": list(prompt_ids),
-            "prompt": list(batch.prompts),
-            "ground_truth": list(ground_truths),
-            "completion": list(batch.completions),
-            "completion_ids": _ragged(batch.completion_ids, lengths),
-            "old_logps": _ragged(batch.old_logps, lengths),
-            "ref_logps": _ragged(ref_logps, lengths),
-            "length": lengths.tolist(),
-            "truncated": batch.truncated.tolist(),
-        }
-    )
 
 
 def label_table(table: pd.DataFrame, scored: ScoredRollouts) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Rollout engines: sample G completions per prompt and record what the RL losses need.
+"""Log-probabilities of completions by teacher forcing, with each group's prompt run once.
 
 A :class:`RolloutBatch` is laid out group after group (the G completions of prompt 0, then
 those of prompt 1, ...), as ``advantages`` expects. ``old_logps`` are the per-token log-probs
@@ -22,93 +22,11 @@ shared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from torch import Tensor, nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.registry import Registry
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled; ``do_sample=False`` is greedy decoding."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 8
-    seed: int = 0
-    do_sample: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if (
-            not isinstance(self.max_new_tokens, int)
-            or isinstance(self.max_new_tokens, bool)
-            or self.max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-
-
-@dataclass
-class RolloutBatch:
-    """N = P·G sampled sequences, the G of each prompt consecutive.
-
-    ``prompt_ids`` are left-padded, ``completion_ids`` right-padded with the pad id.
-    ``completion_mask`` is 1 on real completion tokens up to and including the first EOS.
-    ``old_logps`` is 0 where ``completion_mask`` is 0. ``truncated`` marks completions that
-    produced no EOS within ``max_new_tokens``.
-    """
-
-    prompts: list[str]
-    completions: list[str]
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    completion_ids: Tensor
-    completion_mask: Tensor
-    old_logps: Tensor
-    lengths: Tensor
-    truncated: Tensor
-    group_size: int
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-class RolloutEngine(Protocol):
-    def generate(
-        self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
-    ) -> RolloutBatch: ...
-
-
-ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine")
-
-
-def get_engine(name: str, **kwargs: object) -> RolloutEngine:
-    """An instance of the engine registered as ``name``."""
-    return ENGINES.get(name)(**kwargs)
-
-
-def _eos_ids(policy: Policy) -> list[int]:
-    eos = policy.model.generation_config.eos_token_id
-    if eos is None:
-        eos = policy.tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the policy has no EOS token: set tokenizer.eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _through_first_eos(completion_ids: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
-    """Per row: bool mask up to and including the first EOS (all True if none); has an EOS."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()
-    return eos_before == 0, is_eos.any(dim=1)
+from fgrpo_pipeline.rollout.engine import RolloutBatch
 
 
 def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
@@ -131,7 +49,7 @@ def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
     return ~drop_sorted.scatter(-1, order, drop_sorted)
 
 
-def _sampled_logps(
+def sampled_logps(
     logits: Tensor, token_ids: Tensor, temperature: float, top_p: float = 1.0
 ) -> Tensor:
     """Log-probs at ``token_ids`` of the distribution top-p sampling at ``temperature``
@@ -143,147 +61,6 @@ def _sampled_logps(
         logits = logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))
     picked = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
-
-
-@ENGINES.register("hf")
-class HFEngine:
-    """Batched ``transformers`` generation: one ``generate`` call over all P·G sequences.
-
-    With ``share_prompts`` (the default) the G copies of a prompt are not prefilled G times:
-    all but the last token of each distinct prompt run once, and ``generate`` starts from
-    that KV cache repeated G times (it then runs only the last prompt token per row). The
-    logits agree with a full prefill's up to float rounding, so the same seed gives the same
-    samples (a draw could only differ by landing within rounding of a category boundary).
-    vLLM has its own engine and prefix caching; it is unaffected.
-    """
-
-    def __init__(self, share_prompts: bool = True) -> None:
-        self.share_prompts = share_prompts
-
-    def generate(
-        self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
-    ) -> RolloutBatch:
-        if not prompts:
-            raise ValueError("prompts must not be empty")
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        model, tokenizer = policy.model, policy.tokenizer
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            raise ValueError("the policy's tokenizer has no pad token")
-        eos_ids = _eos_ids(policy)
-
-        # Decoder-only batched generation needs left padding: new tokens must follow the prompt.
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(model.device)
-        prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
-        prompt_mask = prompt_mask.to(model.device)
-
-        knobs: dict[str, object] = {"do_sample": sampling.do_sample}
-        if sampling.do_sample:
-            # top_k=0 disables the library's default top-k of 50. Sampling knobs are left out
-            # of greedy decoding, where transformers warns about them.
-            knobs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        config = GenerationConfig(
-            **knobs,
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        # A peft model copies its config into the base model it wraps: restore both.
-        holders = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
-        saved_configs, was_training = [h.generation_config for h in holders], model.training
-        # generate() fills every knob left unset from model.generation_config (a checkpoint's
-        # top_k or repetition_penalty, say); swapping it in keeps the sampling distribution the
-        # one old_logps describe.
-        for holder in holders:
-            holder.generation_config = config
-        model.eval()
-        rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
-        try:
-            # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
-                prefilled = (
-                    _prefill_shared(model, encoded, group_size, prompt_ids.device)
-                    if self.share_prompts
-                    else {}
-                )
-                torch.manual_seed(sampling.seed)
-                out = model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=config,
-                    **prefilled,
-                )
-        finally:
-            for holder, saved in zip(holders, saved_configs, strict=True):
-                holder.generation_config = saved
-            model.train(was_training)
-
-        completion_ids = out.sequences[:, prompt_ids.shape[1] :]
-        keep, has_eos = _through_first_eos(completion_ids, eos_ids)
-        completion_ids = completion_ids.masked_fill(~keep, pad_id)
-        # output_logits are the raw logits, before the temperature/top-p processors: apply
-        # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
-        # tensor the processors saw, so the nucleus is the one sampled from).
-        top_p = sampling.top_p if sampling.do_sample else 1.0
-        old_logps = torch.stack(
-            [
-                _sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
-                for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
-            ],
-            dim=1,
-        )
-        old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
-        lengths = keep.sum(dim=1)
-        completions = tokenizer.batch_decode(
-            [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            prompts=repeat_each(prompts, group_size),
-            completions=completions,
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask.float(),
-            completion_ids=completion_ids,
-            completion_mask=keep.float(),
-            old_logps=old_logps,
-            lengths=lengths,
-            truncated=~has_eos,
-            group_size=group_size,
-        )
-
-
-def _prefill_shared(
-    model: PreTrainedModel, encoded: dict, group_size: int, device: torch.device
-) -> dict[str, object]:
-    """``generate``'s cache keyword and a cache of each distinct prompt without its last
-    token, repeated ``group_size`` times; {} (a full prefill) when that saves nothing."""
-    ids, mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
-    if group_size < 2 or ids.shape[1] == 0:
-        return {}
-    ids, mask = ids.to(device), mask.to(device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    found = _output_cache(out)
-    if found is None:
-        return {}
-    name, cache = found
-    cache.batch_repeat_interleave(group_size)
-    return {name: cache}
-
-
-def repeat_each(values: list, times: int) -> list:
-    """``[a, b] → [a, a, b, b]`` for ``times=2``: per-prompt values laid out group after group."""
-    return [value for value in values for _ in range(times)]
 
 
 def batch_logprobs(
@@ -366,7 +143,7 @@ def _can_share(model: object, batch: RolloutBatch, rows: slice) -> bool:
 
 def _underlying_module(model: object) -> nn.Module | None:
     """The module inside a DDP / DataParallel wrapper (``.module``) or a callable holder such
-    as :class:`fgrpo_pipeline.lora.Reference` (``.model``); None if there is none."""
+    as :class:`fgrpo_pipeline.models.lora.Reference` (``.model``); None if there is none."""
     for _ in range(8):
         if isinstance(model, nn.Module):
             inner = getattr(model, "module", None)
@@ -380,7 +157,7 @@ def _underlying_module(model: object) -> nn.Module | None:
     return None
 
 
-def _output_cache(output: object) -> tuple[str, object] | None:
+def output_cache(output: object) -> tuple[str, object] | None:
     """The forward's KV cache and the keyword that takes it back (``cache`` in recent
     transformers, ``past_key_values`` before), if it returned one that can be re-batched."""
     # The keys (fields set) only: asking a recent ModelOutput for the old name logs a warning.
@@ -427,7 +204,7 @@ def _shared_prompt_logprobs(
         use_cache=True,
         logits_to_keep=1,
     )
-    found = _output_cache(out)
+    found = output_cache(out)
     if found is None:
         return None
     cache_kwarg, cache = found
@@ -448,7 +225,7 @@ def _shared_prompt_logprobs(
             **{cache_kwarg: cache},
         ).logits
         logits = torch.cat([logits, rest], dim=1)
-    logps = _sampled_logps(logits, completion_ids, temperature)
+    logps = sampled_logps(logits, completion_ids, temperature)
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
 
 
@@ -493,9 +270,5 @@ def token_logprobs(
         use_cache=False,
         logits_to_keep=n_completion + 1,
     ).logits[:, :-1]
-    logps = _sampled_logps(logits, completion_ids, temperature, top_p)
+    logps = sampled_logps(logits, completion_ids, temperature, top_p)
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
-
-
-# Registers the "vllm" engine; vllm itself is imported only when that engine is used.
-from fgrpo_pipeline import vllm_engine  # noqa: E402,F401

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fgrpo_pipeline.safety_data import BENIGN, HARMFUL
+from fgrpo_pipeline.safety.data import BENIGN, HARMFUL
 
 REFUSAL_PATTERN = r"\b(?:sorry|can't|cannot|won't|will not|unable|i refuse)\b"
 SAFETY_LABELS = (HARMFUL, BENIGN)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from fgrpo_pipeline.modeling import Policy
+    from fgrpo_pipeline.models.policy import Policy
 
 DEFAULT_RIDGE = 0.01
 LATENT_COLUMNS = ("model", "safety", "pc1", "pc2", "bhattacharyya")

@@ -17,7 +17,7 @@ by, *after* the line that makes the trainer's working copy
 
     reference = make_reference(policy)
 
-(with ``from fgrpo_pipeline.lora import make_reference``). The :class:`Reference` it returns
+(with ``from fgrpo_pipeline.models.lora import make_reference``). The :class:`Reference` it returns
 is called like a model (``reference(input_ids=..., ...)`` returns the model's output) without
 grad and in eval mode, so ``batch_logprobs(reference, ...)`` and ``token_logprobs(reference,
 ...)`` work unchanged. It must wrap the working copy:
@@ -43,7 +43,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from fgrpo_pipeline.modeling import Policy
+from fgrpo_pipeline.models.policy import Policy
 
 LORA_BIASES = ("none", "all", "lora_only")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -1,8 +1,8 @@
 """The paper's central comparison at our scale: every f-GRPO divergence against GRPO, S seeds.
 
 Plain Python/torch (no Kedro, no MLflow). Each (method, seed) trains a copy of the same base
-policy with :func:`fgrpo_pipeline.trainer.train` and is evaluated on the held-out prompts
-with :func:`fgrpo_pipeline.evaluation.evaluate_policy`; the base policy is evaluated once
+policy with :func:`fgrpo_pipeline.training.loop.train` and is evaluated on the held-out prompts
+with :func:`fgrpo_pipeline.heldout.evaluate.evaluate_policy`; the base policy is evaluated once
 and is the 0 of the **Relative Overall** score (paper): per benchmark, method means are
 min–max normalised with the base at 0 and the best method at 100, then averaged over the
 benchmarks. Our two "benchmarks" are held-out sampled accuracy (pass@1) and greedy accuracy.
@@ -23,10 +23,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from fgrpo_pipeline.divergences import divergence_names
-from fgrpo_pipeline.evaluation import EvaluationConfig, evaluate_policy
-from fgrpo_pipeline.modeling import Policy
-from fgrpo_pipeline.trainer import RUN_KEYS, PreferenceData, TrainerConfig, train
+from fgrpo_pipeline.algorithms.divergences import divergence_names
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig
+from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.preferences import PreferenceData
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
-"""Several processes for the online loop: ``accelerate launch`` (DDP or FSDP), the batch sharded.
+"""Several processes for the online loop: ``accelerate launch`` (DDP or FSDP), the batch
+sharded.
 
-Plain torch and accelerate (no Kedro, no MLflow); used by :func:`fgrpo_pipeline.trainer.train`.
+Plain torch and accelerate (no Kedro, no MLflow); used by
+:func:`fgrpo_pipeline.training.loop.train`.
 
 Layout of a step under N processes (ranks). Every rank draws the same P prompt indices from
 the trainer's seeded generator (so that generator stays in step on all ranks) and keeps its
@@ -36,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fgrpo_pipeline.models.policy import set_seed
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
@@ -185,6 +189,17 @@ class Runtime:
 
     def wait(self) -> None:
         """A barrier: every process reaches it before any goes on."""
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Seed the global RNGs for a step (several processes: see :func:`rank_seed`)."""
+        if self.num_processes > 1:
+            set_seed(rank_seed(seed, step, self.process_index))
+
+    def refresh_rollout(self, model: nn.Module, rollout: Any) -> None:
+        """After an optimiser step: the rollout copy of a sharded model gets the new full
+        weights (without sharding the rollout policy is the model itself)."""
+        if self.shards_weights:
+            rollout.model.load_state_dict(self.full_state_dict(model))
 
     def finish(self, model: nn.Module) -> nn.Module:
         """The plain model once training is done (no wrapper, no autocast)."""
@@ -433,6 +448,13 @@ class AccelerateRuntime(Runtime):
         # not unwrap_model(keep_fp32_wrapper=False): it unwraps the forward down to the
         # undecorated function, dropping transformers' own decorators with the autocast
         return strip_autocast(self.accelerator.unwrap_model(model))
+
+
+def rank_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNGs' seed of a rank's step (several processes): a rank's draws do not
+    depend on its history, so a resumed run (which restores rank 0's RNG states on every
+    rank) draws what the uninterrupted one did."""
+    return (seed * 100_003 + step) * 1_009 + rank + 1
 
 
 def make_runtime(mixed_precision: str = "no", *, micro_batches: bool = False) -> Runtime:

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from fgrpo_pipeline.data_sources import validate_prompts
-from fgrpo_pipeline.labeling import ROLLOUT_COLUMNS
-from fgrpo_pipeline.safety_data import PAIR_COLUMNS, SAFETY_SPLITS
+from fgrpo_pipeline.rollout.tables import ROLLOUT_COLUMNS
+from fgrpo_pipeline.safety.data import PAIR_COLUMNS, SAFETY_SPLITS
+from fgrpo_pipeline.tasks.sources import validate_prompts
 
 SIDE_COLUMNS = ("prompt", "completion")
 

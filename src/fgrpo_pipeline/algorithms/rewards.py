@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from math_verify import parse, verify
 
-from fgrpo_pipeline.registry import Registry
+from fgrpo_pipeline.algorithms.registry import Registry
 
 RewardFn = Callable[..., list[float]]
 

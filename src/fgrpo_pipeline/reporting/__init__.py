@@ -1,0 +1,1 @@
+"""Figures of runs and comparisons (matplotlib), returned for the catalog to save."""

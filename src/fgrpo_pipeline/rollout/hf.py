@@ -1,0 +1,153 @@
+"""The ``hf`` rollout engine: batched ``transformers`` generation."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.rollout.engine import (
+    ENGINES,
+    RolloutBatch,
+    SamplingConfig,
+    policy_eos_ids,
+    repeat_each,
+    through_first_eos,
+)
+from fgrpo_pipeline.rollout.logprobs import output_cache, sampled_logps
+
+
+@ENGINES.register("hf")
+class HFEngine:
+    """Batched ``transformers`` generation: one ``generate`` call over all P·G sequences.
+
+    With ``share_prompts`` (the default) the G copies of a prompt are not prefilled G times:
+    all but the last token of each distinct prompt run once, and ``generate`` starts from
+    that KV cache repeated G times (it then runs only the last prompt token per row). The
+    logits agree with a full prefill's up to float rounding, so the same seed gives the same
+    samples (a draw could only differ by landing within rounding of a category boundary).
+    vLLM has its own engine and prefix caching; it is unaffected.
+    """
+
+    def __init__(self, share_prompts: bool = True) -> None:
+        self.share_prompts = share_prompts
+
+    def generate(
+        self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
+    ) -> RolloutBatch:
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        model, tokenizer = policy.model, policy.tokenizer
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("the policy's tokenizer has no pad token")
+        eos_ids = policy_eos_ids(policy)
+
+        # Decoder-only batched generation needs left padding: new tokens must follow the prompt.
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(model.device)
+        prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
+        prompt_mask = prompt_mask.to(model.device)
+
+        knobs: dict[str, object] = {"do_sample": sampling.do_sample}
+        if sampling.do_sample:
+            # top_k=0 disables the library's default top-k of 50. Sampling knobs are left out
+            # of greedy decoding, where transformers warns about them.
+            knobs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        config = GenerationConfig(
+            **knobs,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        # A peft model copies its config into the base model it wraps: restore both.
+        holders = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
+        saved_configs, was_training = [h.generation_config for h in holders], model.training
+        # generate() fills every knob left unset from model.generation_config (a checkpoint's
+        # top_k or repetition_penalty, say); swapping it in keeps the sampling distribution the
+        # one old_logps describe.
+        for holder in holders:
+            holder.generation_config = config
+        model.eval()
+        rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        try:
+            # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
+            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
+                prefilled = (
+                    _prefill_shared(model, encoded, group_size, prompt_ids.device)
+                    if self.share_prompts
+                    else {}
+                )
+                torch.manual_seed(sampling.seed)
+                out = model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    generation_config=config,
+                    **prefilled,
+                )
+        finally:
+            for holder, saved in zip(holders, saved_configs, strict=True):
+                holder.generation_config = saved
+            model.train(was_training)
+
+        completion_ids = out.sequences[:, prompt_ids.shape[1] :]
+        keep, has_eos = through_first_eos(completion_ids, eos_ids)
+        completion_ids = completion_ids.masked_fill(~keep, pad_id)
+        # output_logits are the raw logits, before the temperature/top-p processors: apply
+        # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
+        # tensor the processors saw, so the nucleus is the one sampled from).
+        top_p = sampling.top_p if sampling.do_sample else 1.0
+        old_logps = torch.stack(
+            [
+                sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
+                for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
+            ],
+            dim=1,
+        )
+        old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
+        lengths = keep.sum(dim=1)
+        completions = tokenizer.batch_decode(
+            [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            prompts=repeat_each(prompts, group_size),
+            completions=completions,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask.float(),
+            completion_ids=completion_ids,
+            completion_mask=keep.float(),
+            old_logps=old_logps,
+            lengths=lengths,
+            truncated=~has_eos,
+            group_size=group_size,
+        )
+
+
+def _prefill_shared(
+    model: PreTrainedModel, encoded: dict, group_size: int, device: torch.device
+) -> dict[str, object]:
+    """``generate``'s cache keyword and a cache of each distinct prompt without its last
+    token, repeated ``group_size`` times; {} (a full prefill) when that saves nothing."""
+    ids, mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
+    if group_size < 2 or ids.shape[1] == 0:
+        return {}
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    found = output_cache(out)
+    if found is None:
+        return {}
+    name, cache = found
+    cache.batch_repeat_interleave(group_size)
+    return {name: cache}
