@@ -10,15 +10,13 @@ KL divergence and β = 0.1, AdamW. Two measurements, in this order, in one proce
    ``time_generation`` (rollout), ``time_scoring`` (rewards, advantages, reference
    log-probs), ``time_update`` (policy log-probs, loss, backward, clipping, AdamW) and
    ``tokens_per_second`` (generated completion tokens / step time).
-2. ``instrumented``: a copy of the trainer's step built from the same public functions
-   (``HFEngine.generate``, ``score_rollouts``, ``batch_logprobs``, ``get_loss``,
-   ``clip_grad_norm_``, ``AdamW.step``) with a clock around each, for the finer split the
-   issue asks for: generation (and, inside it, the model's forward calls vs the rest of
-   ``generate``), rewards + advantages, reference log-probs, policy log-probs, loss forward,
-   loss backward, policy backward, clipping, optimiser, and the metrics row. The backward is
-   split by giving the loss a detached copy of the log-probs and then pushing its gradient
-   through the policy (``logps.backward(grad)``): the same gradient, two calls instead of one.
-   Its total is checked against the trainer's step time.
+2. ``instrumented``: the trainer's own step functions (``fgrpo_pipeline.training.step``:
+   ``sample_prompts``, ``generate``, ``score``, ``reference_logprobs``, ``update``,
+   ``metrics_row``) called one by one on the run ``training.loop.setup`` builds, with a clock
+   around each: generation (and, inside it, the model's forward calls vs the rest of
+   ``generate``), rewards + advantages, reference log-probs, and inside ``update`` the policy
+   log-probs, the loss, the backward pass and clipping + AdamW. Its total is checked against
+   the trainer's step time.
 
 Medians over ``--steps`` steps after ``--warmup-steps``. Writes
 ``benchmarks/results/breakdown.json``.
@@ -27,12 +25,10 @@ Medians over ``--steps`` steps after ``--warmup-steps``. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import asdict
 from pathlib import Path
 
 import _common as common
@@ -45,24 +41,15 @@ PHASES = (
     "reference_logps",
     "policy_logps",
     "loss_forward",
-    "loss_backward",
-    "policy_backward",
-    "clip_grad",
-    "optimizer",
+    "backward",
+    "clip_and_optimizer",
     "metrics",
 )
 # How the instrumented phases map onto the trainer's three columns.
 TRAINER_COLUMNS = {
     "generation": ("prompt_sampling", "generation"),
     "scoring": ("rewards_advantages", "reference_logps"),
-    "update": (
-        "policy_logps",
-        "loss_forward",
-        "loss_backward",
-        "policy_backward",
-        "clip_grad",
-        "optimizer",
-    ),
+    "update": ("policy_logps", "loss_forward", "backward", "clip_and_optimizer"),
 }
 
 
@@ -96,121 +83,64 @@ def measure_trainer(policy, prompts, config, warmup: int) -> dict:
     return out
 
 
-def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> dict:
-    """The trainer's step (no micro-batching, no offline data), one clock per phase."""
-    from fgrpo_pipeline.algorithms.advantages import frac_reward_zero_std
-    from fgrpo_pipeline.algorithms.labeling import score_rollouts
-    from fgrpo_pipeline.algorithms.losses import LossInputs, get_loss
-    from fgrpo_pipeline.algorithms.rewards import combine_rewards, get_reward
-    from fgrpo_pipeline.models.lora import make_reference
-    from fgrpo_pipeline.models.policy import Policy, set_seed
-    from fgrpo_pipeline.rollout import SamplingConfig, batch_logprobs, get_engine, repeat_each
+def _timed(fn, times: dict, name: str):
+    """``fn`` with its wall time added to ``times[name]`` on every call."""
 
-    set_seed(config.seed)
-    policy = Policy(model=copy.deepcopy(policy.model), tokenizer=policy.tokenizer)
-    reference = make_reference(policy)
-    model = policy.model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    engine = get_engine(config.engine, **config.engine_options)
-    loss_fn = get_loss(config.loss.name)
-    reward_fn = combine_rewards(config.rewards)
-    correctness_fn = get_reward(config.correctness_reward)
-    gen = torch.Generator().manual_seed(config.seed)
-    temperature, g = config.sampling.temperature, config.group_size
-
-    # Time the model's own forward calls inside generate(): the rest is generate()'s overhead
-    # (input preparation, cache, masks, logits processors, sampling, stopping checks).
-    forward_time = [0.0]
-    forward_calls = [0]
-    inner_forward = model.forward
-
-    def timed_forward(*args, **kwargs):
-        t = time.perf_counter()
+    def call(*args, **kwargs):
+        start = time.perf_counter()
         try:
-            return inner_forward(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
-            forward_time[0] += time.perf_counter() - t
-            forward_calls[0] += 1
+            times[name] += time.perf_counter() - start
+
+    return call
+
+
+def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> dict:
+    """The trainer's own step functions (``fgrpo_pipeline.training.step``), one clock per
+    function, and inside ``update`` the policy scoring, the loss and the backward pass timed
+    through the run's own objects (the rest of ``update`` is clipping and AdamW)."""
+    from fgrpo_pipeline.training import step as steps_
+    from fgrpo_pipeline.training.loop import setup
+
+    run = setup(
+        policy, prompts, config, preferences=None, reward_fn=None, correctness_fn=None,
+        monitors=(), resume_dir=None,
+    )  # fmt: skip
+    inner: dict[str, float] = defaultdict(float)
+    run.scorer.logprobs = _timed(run.scorer.logprobs, inner, "policy_logps")
+    run.scorer.backward = _timed(run.scorer.backward, inner, "backward")
+    run.loss_fn = _timed(run.loss_fn, inner, "loss_forward")
+    # the model's own forward calls inside generate(): the rest is generate()'s overhead
+    model = run.rollout.model
+    timed_forward = _timed(model.forward, inner, "generation_model_forward")
 
     rows: list[dict[str, float]] = []
     for step in range(1, warmup + steps + 1):
+        inner.clear()
         lap = _Laps()
         t = lap.times
-
-        pick = torch.randint(len(prompts), (config.prompts_per_step,), generator=gen).tolist()
-        chosen = prompts.iloc[pick]
-        sampling = SamplingConfig(
-            **{**asdict(config.sampling), "seed": config.seed * 100_003 + step}
-        )
+        chosen = steps_.sample_prompts(run, step)
         lap("prompt_sampling")
-        forward_time[0], forward_calls[0] = 0.0, 0
         model.forward = timed_forward
-        batch = engine.generate(policy, chosen["prompt"].tolist(), g, sampling)
+        batch = steps_.generate(run, chosen, step)
         del model.forward
         lap("generation")
-        t["generation_model_forward"] = forward_time[0]
-        t["generation_forward_calls"] = forward_calls[0]
-
-        scored = score_rollouts(
-            batch.completions,
-            batch.prompts,
-            repeat_each(chosen["ground_truth"].tolist(), g),
-            reward_fn=reward_fn,
-            correctness_fn=correctness_fn,
-            group_size=g,
-            advantage_scale=config.advantage_scale,
-        )
+        scored = steps_.score(run, batch, chosen)
         lap("rewards_advantages")
-        with torch.no_grad():
-            ref_logps = batch_logprobs(reference, batch, temperature)
+        ref_logps = steps_.reference_logprobs(run, batch)
         lap("reference_logps")
-
-        logps = batch_logprobs(model, batch, temperature)
-        lap("policy_logps")
-        leaf = logps.detach().requires_grad_(True)
-        inputs = LossInputs(
-            logps=leaf,
-            ref_logps=ref_logps,
-            old_logps=batch.old_logps,
-            mask=batch.completion_mask,
-            advantages=scored.advantages,
-            rewards=scored.rewards,
-            group_size=g,
-        )
-        out = loss_fn(inputs, config.loss)
-        optimizer.zero_grad(set_to_none=True)
-        applied = torch.isfinite(out.loss).item()
-        lap("loss_forward")
-        out.loss.backward()
-        lap("loss_backward")
-        logps.backward(leaf.grad)
-        lap("policy_backward")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        applied = applied and torch.isfinite(grad_norm).item()
-        lap("clip_grad")
-        if applied:
-            optimizer.step()
-        lap("optimizer")
-
-        mask = batch.completion_mask
-        log_ratio_ref = ((batch.old_logps - ref_logps) * mask).sum(dim=1)
-        row = {
-            "reward_mean": scored.rewards.mean().item(),
-            "reward_std": scored.rewards.std().item(),
-            "accuracy": scored.correct.float().mean().item(),
-            "frac_reward_zero_std": frac_reward_zero_std(scored.rewards, g),
-            "loss": out.loss.item(),
-            "kl_to_ref": log_ratio_ref.mean().item(),
-            "completion_length": batch.lengths.float().mean().item(),
-            "frac_truncated": batch.truncated.float().mean().item(),
-            "grad_norm": float(grad_norm),
-            "tokens": int(mask.sum().item()),
-        }
+        result = steps_.update(run, batch, scored, ref_logps, step)
+        lap("update")
+        row = steps_.metrics_row(run, step, batch, scored, ref_logps, result, (0, 0, 0, 1))
         lap("metrics")
+        t.update({k: inner[k] for k in ("policy_logps", "loss_forward", "backward")})
+        t["clip_and_optimizer"] = t.pop("update") - sum(
+            inner[k] for k in ("policy_logps", "loss_forward", "backward")
+        )
+        t["generation_model_forward"] = inner["generation_model_forward"]
         t["step"] = sum(t[p] for p in PHASES)
-        t["tokens"] = row["tokens"]
+        t["tokens"] = float(batch.completion_mask.sum().item())
         t["completion_length"] = row["completion_length"]
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"non-finite loss at step {step}")
@@ -219,14 +149,13 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
     rows = rows[warmup:]
     med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     step = med["step"]
-    out = {
+    return {
         "phases_median_s": {p: med[p] for p in PHASES},
         "phase_share_of_step": {p: med[p] / step for p in PHASES},
         "step_median_s": step,
         "generation_detail": {
             "model_forward_s": med["generation_model_forward"],
             "generate_overhead_s": med["generation"] - med["generation_model_forward"],
-            "forward_calls": med["generation_forward_calls"],
             "model_forward_share_of_generation": med["generation_model_forward"]
             / med["generation"],
         },
@@ -237,7 +166,6 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
         "tokens_per_second": statistics.median(r["tokens"] / r["step"] for r in rows),
         "completion_length_mean": statistics.fmean(r["completion_length"] for r in rows),
     }
-    return out
 
 
 def main() -> None:
@@ -300,7 +228,7 @@ def main() -> None:
         f"  tokens/s {trainer['tokens_per_second']:,.0f}   completions/s "
         f"{trainer['completions_per_second']:,.0f}"
     )
-    print("instrumented copy of the step:")
+    print("the trainer's step functions, one by one:")
     for phase in PHASES:
         print(
             f"  {phase:<20}{inst['phases_median_s'][phase] * 1e3:8.2f} ms  "
@@ -312,8 +240,8 @@ def main() -> None:
         f"({results['instrumented_step_to_trainer_step']:.2f}× the trainer's)"
     )
     print(
-        f"  generation: model forward {detail['model_forward_s'] * 1e3:.2f} ms in "
-        f"{detail['forward_calls']:.0f} calls, generate() overhead "
+        f"  generation: model forward {detail['model_forward_s'] * 1e3:.2f} ms, "
+        "generate() overhead "
         f"{detail['generate_overhead_s'] * 1e3:.2f} ms"
     )
     common.write_result("breakdown", results, args.out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
@@ -50,83 +52,104 @@ class HFEngine:
         prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(model.device)
         prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
         prompt_mask = prompt_mask.to(model.device)
-
-        knobs: dict[str, object] = {"do_sample": sampling.do_sample}
-        if sampling.do_sample:
-            # top_k=0 disables the library's default top-k of 50. Sampling knobs are left out
-            # of greedy decoding, where transformers warns about them.
-            knobs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        config = GenerationConfig(
-            **knobs,
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        # A peft model copies its config into the base model it wraps: restore both.
-        holders = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
-        saved_configs, was_training = [h.generation_config for h in holders], model.training
-        # generate() fills every knob left unset from model.generation_config (a checkpoint's
-        # top_k or repetition_penalty, say); swapping it in keeps the sampling distribution the
-        # one old_logps describe.
-        for holder in holders:
-            holder.generation_config = config
-        model.eval()
+        config = _generation_config(sampling, pad_id, eos_ids)
         rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
-        try:
-            # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
-            with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
-                prefilled = (
-                    _prefill_shared(model, encoded, group_size, prompt_ids.device)
-                    if self.share_prompts
-                    else {}
-                )
-                torch.manual_seed(sampling.seed)
-                out = model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=config,
-                    **prefilled,
-                )
-        finally:
-            for holder, saved in zip(holders, saved_configs, strict=True):
-                holder.generation_config = saved
-            model.train(was_training)
+        # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
+        with (
+            _sampling_mode(model, config),
+            torch.no_grad(),
+            torch.random.fork_rng(devices=rng_devices),
+        ):
+            prefilled = (
+                _prefill_shared(model, encoded, group_size, prompt_ids.device)
+                if self.share_prompts
+                else {}
+            )
+            torch.manual_seed(sampling.seed)
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=config,
+                **prefilled,
+            )
+        return _to_batch(out, prompts, prompt_ids, prompt_mask, group_size, sampling, policy)
 
-        completion_ids = out.sequences[:, prompt_ids.shape[1] :]
-        keep, has_eos = through_first_eos(completion_ids, eos_ids)
-        completion_ids = completion_ids.masked_fill(~keep, pad_id)
-        # output_logits are the raw logits, before the temperature/top-p processors: apply
-        # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
-        # tensor the processors saw, so the nucleus is the one sampled from).
-        top_p = sampling.top_p if sampling.do_sample else 1.0
-        old_logps = torch.stack(
-            [
-                sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
-                for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
-            ],
-            dim=1,
-        )
-        old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
-        lengths = keep.sum(dim=1)
-        completions = tokenizer.batch_decode(
-            [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            prompts=repeat_each(prompts, group_size),
-            completions=completions,
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask.float(),
-            completion_ids=completion_ids,
-            completion_mask=keep.float(),
-            old_logps=old_logps,
-            lengths=lengths,
-            truncated=~has_eos,
-            group_size=group_size,
-        )
+
+def _generation_config(sampling: SamplingConfig, pad_id: int, eos_ids: list[int]):
+    """Every knob of ``generate``: nothing is left to the model's own generation config."""
+    knobs: dict[str, object] = {"do_sample": sampling.do_sample}
+    if sampling.do_sample:
+        # top_k=0 disables the library's default top-k of 50. Sampling knobs are left out
+        # of greedy decoding, where transformers warns about them.
+        knobs |= {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    return GenerationConfig(
+        **knobs,
+        max_new_tokens=sampling.max_new_tokens,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+
+
+@contextlib.contextmanager
+def _sampling_mode(model, config: GenerationConfig):
+    """The model in eval mode with ``config`` as its generation config, both restored after.
+
+    generate() fills every knob left unset from model.generation_config (a checkpoint's
+    top_k or repetition_penalty, say); swapping it in keeps the sampling distribution the
+    one old_logps describe. A peft model copies its config into the base model it wraps:
+    both are swapped and restored."""
+    holders = [model, *([model.get_base_model()] if hasattr(model, "get_base_model") else [])]
+    saved_configs, was_training = [h.generation_config for h in holders], model.training
+    for holder in holders:
+        holder.generation_config = config
+    model.eval()
+    try:
+        yield
+    finally:
+        for holder, saved in zip(holders, saved_configs, strict=True):
+            holder.generation_config = saved
+        model.train(was_training)
+
+
+def _to_batch(out, prompts, prompt_ids, prompt_mask, group_size, sampling, policy) -> RolloutBatch:
+    """``generate``'s output as a batch: completions through their first EOS, padded after,
+    and the log-probs of the distribution sampled from."""
+    pad_id = policy.tokenizer.pad_token_id
+    completion_ids = out.sequences[:, prompt_ids.shape[1] :]
+    keep, has_eos = through_first_eos(completion_ids, policy_eos_ids(policy))
+    completion_ids = completion_ids.masked_fill(~keep, pad_id)
+    # output_logits are the raw logits, before the temperature/top-p processors: apply
+    # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
+    # tensor the processors saw, so the nucleus is the one sampled from).
+    top_p = sampling.top_p if sampling.do_sample else 1.0
+    old_logps = torch.stack(
+        [
+            sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
+            for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
+        ],
+        dim=1,
+    )
+    old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
+    lengths = keep.sum(dim=1)
+    completions = policy.tokenizer.batch_decode(
+        [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
+        skip_special_tokens=True,
+    )
+    return RolloutBatch(
+        prompts=repeat_each(prompts, group_size),
+        completions=completions,
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask.float(),
+        completion_ids=completion_ids,
+        completion_mask=keep.float(),
+        old_logps=old_logps,
+        lengths=lengths,
+        truncated=~has_eos,
+        group_size=group_size,
+    )
 
 
 def _prefill_shared(

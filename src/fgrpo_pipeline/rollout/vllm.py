@@ -396,30 +396,10 @@ def outputs_to_batch(
     greedy = not sampling.do_sample
 
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    expected = tokenizer(list(prompts))["input_ids"]
-    rows: list[tuple[list[int], list[float], bool]] = []
-    for i, request in enumerate(outputs):
-        returned = getattr(request, "prompt_token_ids", None)
-        if returned is not None and list(returned) != list(expected[i]):
-            raise ValueError(
-                f"vLLM output {i} is for prompt ids {list(returned)}, not {expected[i]} "
-                "(outputs must be in prompt order)"
-            )
-        rows += [
-            _completion_tokens(out, eos_ids)
-            for out in _completions_of(request, group_size, greedy, i)
-        ]
-
-    width = max(len(ids) for ids, _, _ in rows)
-    n = len(rows)
-    completion_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    old_logps = torch.zeros((n, width), dtype=torch.float32)
-    for r, (ids, logps, _) in enumerate(rows):
-        completion_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        old_logps[r, : len(ids)] = torch.tensor(logps, dtype=torch.float32)
-    lengths = torch.tensor([len(ids) for ids, _, _ in rows], dtype=torch.long)
-    keep = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-    truncated = torch.tensor([not has_eos for _, _, has_eos in rows], dtype=torch.bool)
+    rows = _completion_rows(
+        tokenizer(list(prompts))["input_ids"], outputs, group_size, greedy, eos_ids
+    )
+    completion_ids, old_logps, lengths, keep, truncated = _padded(rows, pad_id)
 
     device = model.device
     prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(device)
@@ -463,6 +443,41 @@ def outputs_to_batch(
         truncated=truncated,
         group_size=group_size,
     )
+
+
+def _completion_rows(
+    expected: list[list[int]], outputs: Sequence[Any], group_size: int, greedy: bool, eos_ids
+) -> list[tuple[list[int], list[float], bool]]:
+    """(token ids, log-probs, has EOS) of every completion, group after group; each output
+    must be for the prompt at its place (vLLM returns them in request order)."""
+    rows: list[tuple[list[int], list[float], bool]] = []
+    for i, request in enumerate(outputs):
+        returned = getattr(request, "prompt_token_ids", None)
+        if returned is not None and list(returned) != list(expected[i]):
+            raise ValueError(
+                f"vLLM output {i} is for prompt ids {list(returned)}, not {expected[i]} "
+                "(outputs must be in prompt order)"
+            )
+        rows += [
+            _completion_tokens(out, eos_ids)
+            for out in _completions_of(request, group_size, greedy, i)
+        ]
+    return rows
+
+
+def _padded(rows: list[tuple[list[int], list[float], bool]], pad_id: int):
+    """The rows as right-padded tensors: (ids, log-probs, lengths, mask, truncated)."""
+    width = max(len(ids) for ids, _, _ in rows)
+    n = len(rows)
+    completion_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    old_logps = torch.zeros((n, width), dtype=torch.float32)
+    for r, (ids, logps, _) in enumerate(rows):
+        completion_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        old_logps[r, : len(ids)] = torch.tensor(logps, dtype=torch.float32)
+    lengths = torch.tensor([len(ids) for ids, _, _ in rows], dtype=torch.long)
+    keep = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    truncated = torch.tensor([not has_eos for _, _, has_eos in rows], dtype=torch.bool)
+    return completion_ids, old_logps, lengths, keep, truncated
 
 
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
