@@ -83,6 +83,20 @@ def run_kedro(project: Path, pipeline_name: str, extra: dict | None = None) -> N
         session.run(pipeline_names=[pipeline_name])
 
 
+@pytest.fixture(scope="module")
+def prompts():
+    """One-digit sums, 40 training prompts (a module's own fixture of this name wins)."""
+    from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
+
+    return make_arithmetic_prompts(n_train=40, n_test=0, operations=("+",), operand_max=9)
+
+
+@pytest.fixture(scope="module")
+def policy(prompts):
+    """A tiny policy half taught on ``prompts`` (a module's own fixture of this name wins)."""
+    return half_taught_policy(prompts)
+
+
 def half_taught_policy(prompts):
     """A tiny policy warmed up briefly on ``prompts``' train rows: right sometimes, so groups
     have reward spread."""

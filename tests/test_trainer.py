@@ -4,23 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
 from fgrpo_pipeline.training.config import TrainerConfig
 from fgrpo_pipeline.training.loop import train
 from fgrpo_pipeline.training.preferences import PreferenceData
-from tests.conftest import half_taught_policy
 
 TIMING = ["time_generation", "time_scoring", "time_update", "time_step", "tokens_per_second"]
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return make_arithmetic_prompts(n_train=40, n_test=0, operations=("+",), operand_max=9)
-
-
-@pytest.fixture(scope="module")
-def policy(prompts):
-    return half_taught_policy(prompts)
 
 
 def config(**overrides):

@@ -12,34 +12,16 @@ import torch
 
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import ENGINES, HFEngine
-from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
-from fgrpo_pipeline.training.config import TrainerConfig, lr_factor
+from fgrpo_pipeline.training.config import lr_factor
 from fgrpo_pipeline.training.loop import train
 from fgrpo_pipeline.training.preferences import PreferenceData
 from fgrpo_pipeline.training.preferences import offline_minibatch as _offline_minibatch
-from tests.conftest import half_taught_policy
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return make_arithmetic_prompts(n_train=40, n_test=0, operations=("+",), operand_max=9)
-
-
-@pytest.fixture(scope="module")
-def policy(prompts):
-    return half_taught_policy(prompts)
+from tests.test_trainer import config as trainer_config
 
 
 def config(**overrides):
-    params = {
-        "steps": 2,
-        "prompts_per_step": 4,
-        "group_size": 4,
-        "learning_rate": 1e-3,
-        "sampling": {"max_new_tokens": 3},
-        **overrides,
-    }
-    return TrainerConfig.from_params(params)
+    """The trainer tests' small config, two steps unless told otherwise."""
+    return trainer_config(**{"steps": 2, **overrides})
 
 
 @ENGINES.register("hf_perturbed")

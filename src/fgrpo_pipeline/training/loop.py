@@ -212,7 +212,7 @@ def setup(
     fingerprint = {}
     if resume_dir is not None:  # what a saved state must match (taken of the input policy)
         functions = (reward_fn, correctness_fn, monitors)
-        fingerprint = resume.run_fingerprint(
+        fingerprint = resume.fingerprint(
             config, policy, prompts, preferences, *functions, num_processes=n_procs,
             sharded_weights=runtime.shards_weights,
         )  # fmt: skip

@@ -87,6 +87,19 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Options added after resume states existed, left out of the fingerprint at their
+# defaults (which compute what the states' runs computed), so such states still resume.
+_LATER_DEFAULTS = {
+    "mixed_precision": "no",
+    "share_prompts": True,
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "engine_is_correction": "auto",
+    "engine_is_cap": 2.0,
+}
+_LATER_LOSS_DEFAULTS = {"hal_scaling": "paper", "epsilon_high": None, "drop_zero_spread": False}
+
+
 def fingerprint(
     config: TrainerConfig,
     policy: Policy,
@@ -95,9 +108,27 @@ def fingerprint(
     reward_fn: RewardFn | None,
     correctness_fn: RewardFn | None,
     monitors: Sequence[StepMonitor],
+    *,
+    num_processes: int = 1,
+    sharded_weights: bool = False,
 ) -> dict[str, Any]:
-    """What a resume state belongs to; a state is only resumed by a run that matches it."""
+    """What a resume state belongs to; a state is only resumed by a run that matches it.
+
+    Of the config: ``gradient_checkpointing`` changes memory, not what a step computes, so a
+    run may resume with another value; options added later are left out at their defaults,
+    as is a single process's ``num_processes``, so states written before these existed still
+    resume; a state of N processes resumes only with N, and a sharded run's optimiser state
+    is saved by parameter name (gathered from the shards)."""
     run = {k: v for k, v in config.to_dict().items() if k not in RESUME_FREE_KEYS}
+    run.pop("gradient_checkpointing", None)
+    for defaults, block in ((_LATER_DEFAULTS, run), (_LATER_LOSS_DEFAULTS, run.get("loss", {}))):
+        for key, default in defaults.items():
+            if key in block and block[key] == default:
+                block.pop(key)
+    if num_processes > 1:
+        run["num_processes"] = num_processes
+    if sharded_weights:
+        run["sharded_weights"] = True
     return {
         "format": RESUME_FORMAT,
         "model": {
@@ -119,50 +150,6 @@ def fingerprint(
         "correctness_fn": _callable_name(correctness_fn),
         "monitors": [_callable_name(m) for m in monitors],
     }
-
-
-# Options added after resume states existed, left out of the fingerprint at their
-# defaults (which compute what the states' runs computed), so such states still resume.
-_LATER_DEFAULTS = {
-    "mixed_precision": "no",
-    "share_prompts": True,
-    "lr_schedule": "constant",
-    "warmup_steps": 0,
-    "engine_is_correction": "auto",
-    "engine_is_cap": 2.0,
-}
-_LATER_LOSS_DEFAULTS = {"hal_scaling": "paper", "epsilon_high": None, "drop_zero_spread": False}
-
-
-def run_fingerprint(
-    config: TrainerConfig,
-    policy: Policy,
-    prompts: pd.DataFrame,
-    preferences: PreferenceData | None,
-    reward_fn: RewardFn | None,
-    correctness_fn: RewardFn | None,
-    monitors: Sequence[StepMonitor],
-    *,
-    num_processes: int,
-    sharded_weights: bool,
-) -> dict[str, Any]:
-    """:func:`fingerprint` of a run: ``gradient_checkpointing`` changes memory, not what a
-    step computes, so a run may resume with another value; options added later are left out
-    at their defaults, as is a single process's ``num_processes``, so states written before
-    these existed still resume; a state of N processes resumes only with N, and a sharded
-    run's optimiser state is saved by parameter name (gathered from the shards)."""
-    found = fingerprint(config, policy, prompts, preferences, reward_fn, correctness_fn, monitors)
-    run = found["config"]
-    run.pop("gradient_checkpointing", None)
-    for defaults, block in ((_LATER_DEFAULTS, run), (_LATER_LOSS_DEFAULTS, run.get("loss", {}))):
-        for key, default in defaults.items():
-            if key in block and block[key] == default:
-                block.pop(key)
-    if num_processes > 1:
-        run["num_processes"] = num_processes
-    if sharded_weights:
-        run["sharded_weights"] = True
-    return found
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
