@@ -1,7 +1,92 @@
-"""Kedro settings: hooks and configuration loading."""
+"""Kedro settings: hooks and configuration loading.
 
-from fgrpo_pipeline.hooks import ParameterValidationHook
-from fgrpo_pipeline.mlflow_tracking import MlflowArtifactHook, MlflowAvailabilityHook
+Also the one place third-party warnings are filtered, before anything below imports MLflow,
+kedro-mlflow or transformers: Kedro imports this module while bootstrapping the project,
+before any plugin command, hook or session runs. See docs/testing.md, "Warnings".
+"""
+
+import logging
+import sys
+import warnings
+
+from kedro import KedroDeprecationWarning
+
+# Warnings about third-party code, not about this project: deprecations inside the libraries
+# (FutureWarning, DeprecationWarning and its subclasses such as pandas' Pandas4Warning and
+# SQLAlchemy's SADeprecationWarning) attributed to a module of one of these packages. A
+# warning about how *our* code calls a library is attributed to our module (stacklevel) and
+# still shows, as do fgrpo_pipeline's own warnings (e.g. UnavailableTrackingWarning).
+THIRD_PARTY = (
+    "accelerate",
+    "alembic",
+    "click",
+    "datasets",
+    "huggingface_hub",
+    "kedro",
+    "kedro_datasets",
+    "kedro_mlflow",
+    "kedro_telemetry",
+    "kedro_viz",
+    "matplotlib",
+    "mlflow",
+    "omegaconf",
+    "pandas",
+    "peft",
+    "pluggy",
+    "pyarrow",
+    "pydantic",
+    "sqlalchemy",
+    "torch",
+    "transformers",
+)
+_THIRD_PARTY_MODULE = rf"({'|'.join(THIRD_PARTY)})(\.|$)"
+
+# omegaconf deprecates register_new_resolver(), which Kedro's config loader and kedro-mlflow's
+# hook still call: three UserWarnings per run, about their code.
+THIRD_PARTY_USER_WARNINGS = (
+    (r"register_new_resolver\(\) is deprecated", r"(kedro|kedro_mlflow)(\.|$)"),
+)
+# MLflow asks for type hints on the `predict` of every PythonModel subclass, and kedro-mlflow
+# defines one (KedroPipelineModel) when its CLI plugin is imported. MLflow raises it under its
+# own `simplefilter("once", UserWarning)` (mlflow.utils.annotations.filter_user_warnings_once),
+# which outranks any warnings filter, so it is dropped where Kedro logs warnings instead: the
+# `py.warnings` logger (Kedro's RichHandler turns logging.captureWarnings on).
+DROPPED_WARNING_LOGS = ("Add type hints to the `predict` method",)
+
+
+class _DropWarningLogs(logging.Filter):
+    """Drops the `py.warnings` records whose text holds one of ``fragments``."""
+
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(fragment in text for fragment in self.fragments)
+
+
+def filter_third_party_warnings() -> None:
+    """Hide the warnings above; a run started with ``-W``, ``PYTHONWARNINGS`` or ``-X dev``
+    (e.g. ``PYTHONWARNINGS=default kedro run``, to see what an upgrade would break) keeps its
+    own filters instead."""
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=_THIRD_PARTY_MODULE)
+    for message, module in THIRD_PARTY_USER_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning, module=module)
+    # Kedro's own deprecation notices are about how this project uses Kedro: they stay shown,
+    # once per location, as Kedro itself sets them up (kedro/__init__.py).
+    warnings.filterwarnings("default", category=KedroDeprecationWarning)
+    logging.getLogger("py.warnings").addFilter(_DropWarningLogs(DROPPED_WARNING_LOGS))
+
+
+filter_third_party_warnings()
+
+# Imported after the filters on purpose: these imports load MLflow and kedro-mlflow.
+from fgrpo_pipeline.hooks import ParameterValidationHook  # noqa: E402
+from fgrpo_pipeline.tracking import MlflowArtifactHook, MlflowAvailabilityHook  # noqa: E402
 
 HOOKS = (MlflowAvailabilityHook(), ParameterValidationHook(), MlflowArtifactHook())
 
