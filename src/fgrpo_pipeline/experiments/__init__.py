@@ -1,2 +1,2 @@
-"""Sweeps over methods and seeds: the divergence comparison and the f-HAL λ (safety)
-comparison, with their summary tables."""
+"""Sweeps over arms and seeds: the engine (``sweep``), the divergence comparison and the
+f-HAL λ (safety) comparison built on it, with their summary tables; statistics over seeds."""

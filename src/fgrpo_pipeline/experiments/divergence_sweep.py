@@ -1,8 +1,9 @@
 """The paper's central comparison at our scale: every f-GRPO divergence against GRPO, S seeds.
 
-Plain Python/torch (no Kedro, no MLflow). Each (method, seed) trains a copy of the same base
-policy with :func:`fgrpo_pipeline.training.loop.train` and is evaluated on the held-out prompts
-with :func:`fgrpo_pipeline.heldout.evaluate.evaluate_policy`; the base policy is evaluated once
+Plain Python/torch (no Kedro, no MLflow). A method is an arm of the sweep engine
+(:mod:`fgrpo_pipeline.experiments.sweep`): each (method, seed) trains a copy of the same base
+policy and is evaluated on the held-out prompts with
+:func:`fgrpo_pipeline.heldout.evaluate.evaluate_policy`; the base policy is evaluated once
 and is the 0 of the **Relative Overall** score (paper): per benchmark, method means are
 min–max normalised with the base at 0 and the best method at 100, then averaged over the
 benchmarks. Our two "benchmarks" are held-out sampled accuracy (pass@1) and greedy accuracy.
@@ -14,38 +15,45 @@ is the training seed (prompt order, sampling); the base policy is the same for e
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from fgrpo_pipeline.algorithms.divergences import divergence_names
+from fgrpo_pipeline.experiments import sweep
+from fgrpo_pipeline.experiments.sweep import (
+    Arm,
+    ArmResult,
+    OnArm,
+    Training,
+    check_distinct,
+    check_prompts,
+    check_seeds,
+    final_mean,
+    finished_run,
+    plan_sweep,
+    run_sweep,
+)
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig
-from fgrpo_pipeline.training.loop import train
 from fgrpo_pipeline.training.preferences import PreferenceData
 
 logger = logging.getLogger(__name__)
 
 BASELINE = "grpo"
 SWEPT_KEYS = ("loss", "divergence", "seed")  # set per run by the sweep
+EVALUATION_RUN_KEYS = ("split",)  # beside EvaluationConfig's keys in the evaluation block
 # summary column -> key of the evaluation metrics: the "benchmarks" of Relative Overall
 BENCHMARKS = {"accuracy_mean": "sampled_accuracy", "greedy_accuracy_mean": "greedy_accuracy"}
+HELD_OUT = ("sampled_accuracy", "greedy_accuracy", "mean_reward", "kl_to_ref", "completion_length")
 RUN_COLUMNS = (
     "method",
     "loss",
     "divergence",
     "seed",
-    "sampled_accuracy",
-    "greedy_accuracy",
-    "mean_reward",
-    "kl_to_ref",
-    "completion_length",
+    *HELD_OUT,
     "train_reward_final",
     "train_accuracy_final",
     "steps",
@@ -55,7 +63,6 @@ RUN_COLUMNS = (
 )
 CURVE_COLUMNS = ("method", "seed", "step", "reward_mean", "accuracy", "kl_to_ref")
 TIE_DECIMALS = 9  # method means equal to this many decimals tie in avg_rank
-FINAL_FRACTION = 0.1  # train_*_final: mean over the last 10% of steps
 
 OnRunStart = Callable[[str, int], None]
 OnRunEnd = Callable[[str, int, dict[str, Any], pd.DataFrame], None]
@@ -77,51 +84,21 @@ def method_loss(method: str) -> tuple[str, str | None]:
 
 def check_methods_and_seeds(methods: Sequence[str], seeds: Sequence[int]) -> None:
     """Non-empty, known, distinct methods; non-empty, distinct integer seeds."""
-    if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
-        raise ValueError(f"methods must be a non-empty list of names, got {methods!r}")
-    for method in methods:
-        method_loss(method)
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods has duplicates: {list(methods)}")
+    check_distinct(methods, "methods", "names", method_loss)
     check_seeds(seeds)
 
 
-def check_seeds(seeds: Sequence[int]) -> None:
-    """A non-empty list of distinct integer seeds."""
-    if isinstance(seeds, str) or not isinstance(seeds, Sequence) or not seeds:
-        raise ValueError(f"seeds must be a non-empty list of integers, got {seeds!r}")
-    for seed in seeds:
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seeds must be integers, got {seed!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds has duplicates: {list(seeds)}")
-
-
-def run_params(training_params: Mapping[str, Any], method: str, seed: int) -> dict[str, Any]:
-    """The flat training parameters of one run: ``training_params`` with the sweep's loss,
-    divergence and seed, without run keys (``progress``). Valid input of
-    :meth:`TrainerConfig.from_params`."""
+def method_arm(method: str) -> Arm:
+    """The arm of a method: loss ``f_grpo`` with that divergence, or ``grpo`` (whose
+    divergence parameter is left as the training parameters have it)."""
     loss, divergence = method_loss(method)
-    params = {k: v for k, v in training_params.items() if k not in RUN_KEYS}
-    params.update(loss=loss, seed=seed)
-    if divergence is not None:
-        params["divergence"] = divergence
-    return params
+    overrides = {"loss": loss} if divergence is None else {"loss": loss, "divergence": divergence}
+    return Arm(method, overrides)
 
 
-def sweep_plan(
-    arms: Sequence[Any], seeds: Sequence[int], params_of: Callable[[Any, int], Mapping[str, Any]]
-) -> list[tuple[Any, int, TrainerConfig]]:
-    """Every (arm, seed) with its validated trainer configuration, arm by arm, so a bad one
-    fails before the first run; sets the runs' torch thread count."""
-    plan = [
-        (arm, seed, TrainerConfig.from_params(params_of(arm, seed)))
-        for arm in arms
-        for seed in seeds
-    ]
-    if plan[0][2].num_threads:
-        torch.set_num_threads(plan[0][2].num_threads)
-    return plan
+def evaluation_config(params: Mapping[str, Any]) -> EvaluationConfig:
+    """The evaluation block (parameters_evaluation.yml) without its run keys (``split``)."""
+    return EvaluationConfig(**{k: v for k, v in params.items() if k not in EVALUATION_RUN_KEYS})
 
 
 @dataclass
@@ -135,11 +112,30 @@ class ComparisonResult:
     metrics: dict[tuple[str, int], pd.DataFrame] = field(default_factory=dict)
 
 
-def _final_mean(metrics: pd.DataFrame, column: str) -> float:
-    if column not in metrics or metrics.empty:
-        return float("nan")
-    tail = max(1, round(len(metrics) * FINAL_FRACTION))
-    return float(metrics[column].iloc[-tail:].mean())
+def run_row(result: ArmResult[dict[str, Any]]) -> dict[str, Any]:
+    """A run's row of the runs table (``RUN_COLUMNS``)."""
+    loss, divergence = method_loss(result.arm.label)
+    held_out, metrics = result.evaluation, result.metrics
+    return {
+        "method": result.arm.label,
+        "loss": loss,
+        "divergence": divergence,
+        "seed": result.seed,
+        **{k: held_out[k] for k in HELD_OUT},
+        "train_reward_final": final_mean(metrics, "reward_mean"),
+        "train_accuracy_final": final_mean(metrics, "accuracy"),
+        "steps": result.config.steps,
+        "train_time": result.train_time,
+        "eval_time": result.eval_time,
+        "wall_time": result.wall_time,
+    }
+
+
+def _describe(report: Mapping[str, Any]) -> str:
+    return (
+        f"sampled accuracy {report['sampled_accuracy']:.3f}, greedy "
+        f"{report['greedy_accuracy']:.3f}, KL {report['kl_to_ref']:.3f}"
+    )
 
 
 def run_comparison(
@@ -154,6 +150,7 @@ def run_comparison(
     preferences: PreferenceData | None = None,
     on_run_start: OnRunStart | None = None,
     on_run_end: OnRunEnd | None = None,
+    on_arm: OnArm | None = None,
     progress: bool = True,
 ) -> ComparisonResult:
     """Train and evaluate every (method, seed) from ``base_policy``; see the module doc.
@@ -162,97 +159,43 @@ def run_comparison(
     set per run; a ``progress`` key switches the per-run training bar, ``progress`` the outer
     bar over runs). Every run's configuration is validated before the first one starts.
     ``on_run_start(method, seed)`` is called before a run trains, ``on_run_end(method, seed,
-    summary, metrics)`` after it is evaluated, with its row of ``runs`` and per-step metrics.
+    row, metrics)`` after it is evaluated, with its row of ``runs`` and per-step metrics;
+    ``on_arm(arm, seed, result)`` then gets the whole :class:`~.sweep.ArmResult`.
     """
     check_methods_and_seeds(methods, seeds)
-    if train_prompts.empty or test_prompts.empty:
-        raise ValueError(
-            f"the comparison needs train and test prompts, got {len(train_prompts)} train and "
-            f"{len(test_prompts)} test"
-        )
-    train_progress = bool(training_params.get("progress", progress)) and progress
-    plan = sweep_plan(methods, seeds, lambda m, seed: run_params(training_params, m, seed))
+    check_prompts("comparison", train_prompts, test_prompts)
+    plan = plan_sweep([method_arm(m) for m in methods], seeds, training_params)
 
-    base, _ = evaluate_policy(base_policy, base_policy, test_prompts, evaluation_config)
-    logger.info(
-        "base policy: sampled accuracy %.3f, greedy %.3f",
-        base["sampled_accuracy"],
-        base["greedy_accuracy"],
+    def evaluate(policy: Policy) -> dict[str, Any]:
+        return evaluate_policy(policy, base_policy, test_prompts, evaluation_config)[0]
+
+    result = run_sweep(
+        plan,
+        base_policy,
+        train_prompts,
+        evaluate,
+        training=Training(preferences=preferences),
+        row=run_row,
+        describe=_describe,
+        on_start=(lambda arm, seed, _: on_run_start(arm.label, seed)) if on_run_start else None,
+        on_arm=finished_run(lambda arm: arm.label, on_run_end, on_arm),
+        progress=progress,
+        desc="comparison",
     )
-
-    rows: list[dict[str, Any]] = []
-    metrics_by_run: dict[tuple[str, int], pd.DataFrame] = {}
-    bar = tqdm(plan, desc="comparison", disable=not progress, mininterval=1.0)
-    for method, seed, config in bar:
-        bar.set_postfix(method=method, seed=seed)
-        if on_run_start is not None:
-            on_run_start(method, seed)
-        t0 = time.perf_counter()
-        result = train(
-            base_policy,
-            train_prompts,
-            config,
-            preferences=preferences,
-            progress=train_progress,
-        )
-        t1 = time.perf_counter()
-        held_out, _ = evaluate_policy(result.policy, base_policy, test_prompts, evaluation_config)
-        t2 = time.perf_counter()
-        loss, divergence = method_loss(method)
-        row = {
-            "method": method,
-            "loss": loss,
-            "divergence": divergence,
-            "seed": seed,
-            "sampled_accuracy": held_out["sampled_accuracy"],
-            "greedy_accuracy": held_out["greedy_accuracy"],
-            "mean_reward": held_out["mean_reward"],
-            "kl_to_ref": held_out["kl_to_ref"],
-            "completion_length": held_out["completion_length"],
-            "train_reward_final": _final_mean(result.metrics, "reward_mean"),
-            "train_accuracy_final": _final_mean(result.metrics, "accuracy"),
-            "steps": config.steps,
-            "train_time": t1 - t0,
-            "eval_time": t2 - t1,
-            "wall_time": t2 - t0,
-        }
-        rows.append(row)
-        metrics_by_run[(method, seed)] = result.metrics
-        logger.info(
-            "%s seed %d: sampled accuracy %.3f, greedy %.3f, KL %.3f (%.0f s)",
-            method,
-            seed,
-            row["sampled_accuracy"],
-            row["greedy_accuracy"],
-            row["kl_to_ref"],
-            row["wall_time"],
-        )
-        if on_run_end is not None:
-            on_run_end(method, seed, dict(row), result.metrics)
-        del result  # the trained policy is not kept: 7 × S copies add up
-    bar.close()
-
-    runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    runs = result.table(RUN_COLUMNS)
     return ComparisonResult(
         runs=runs,
-        summary=summarise(runs, base),
-        curves=curves_table(metrics_by_run),
-        base=base,
-        metrics=metrics_by_run,
+        summary=summarise(runs, result.base),
+        curves=curves_table(result.metrics),
+        base=result.base,
+        metrics=result.metrics,
     )
 
 
 def curves_table(metrics_by_run: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
     """Per-step curves of all runs as one long table: method, seed, step, reward_mean,
     accuracy, kl_to_ref (a column a run's metrics lack is NaN)."""
-    tables = []
-    for (method, seed), metrics in metrics_by_run.items():
-        table = metrics.reindex(columns=list(CURVE_COLUMNS[2:]))
-        tables.append(table.assign(method=method, seed=seed))
-    if not tables:
-        return pd.DataFrame(columns=list(CURVE_COLUMNS))
-    curves = pd.concat(tables, ignore_index=True)[list(CURVE_COLUMNS)]
-    return curves.astype({"seed": "int64", "step": "int64"})
+    return sweep.curves_table(metrics_by_run, CURVE_COLUMNS)
 
 
 def summarise(runs: pd.DataFrame, base: Mapping[str, Any]) -> pd.DataFrame:

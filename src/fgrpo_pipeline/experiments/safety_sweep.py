@@ -1,7 +1,8 @@
 """The safety comparison: f-HAL at several λ against the base policy, S seeds.
 
-Plain Python/torch (no Kedro, no MLflow). Each (λ, seed) trains a copy of the same base
-policy with :func:`fgrpo_pipeline.training.loop.train` and loss ``f_hal``: the on-policy part is
+Plain Python/torch (no Kedro, no MLflow). A λ is an arm of the sweep engine
+(:mod:`fgrpo_pipeline.experiments.sweep`): each (λ, seed) trains a copy of the same base
+policy with loss ``f_hal`` and λ set, evaluated by :func:`evaluate_safety`. The on-policy part is
 rewarded by the learned reward model, the off-policy part draws from the compliance–refusal
 preference data; λ = 0 is pure f-GRPO, λ = 1 pure FDO. The gold judge only measures: per
 step on the training rollouts (the reward-hacking monitor) and on the held-out prompts.
@@ -12,31 +13,41 @@ prompts' last-layer hidden states.
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from fgrpo_pipeline.algorithms.rewards import RewardFn
-from fgrpo_pipeline.experiments.divergence_sweep import check_seeds, sweep_plan
+from fgrpo_pipeline.experiments.sweep import (
+    Arm,
+    ArmResult,
+    OnArm,
+    Training,
+    check_distinct,
+    check_prompts,
+    check_seeds,
+    curves_table,
+    final_mean,
+    finished_run,
+    plan_sweep,
+    run_sweep,
+)
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.safety.data import BENIGN, HARMFUL
 from fgrpo_pipeline.safety.judge import GoldJudge, RewardHackingMonitor, gold_judge
 from fgrpo_pipeline.safety.latent import bhattacharyya_distance, last_prompt_hidden_states
-from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig
-from fgrpo_pipeline.training.loop import train
+from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
 from fgrpo_pipeline.training.preferences import PreferenceData
 
 logger = logging.getLogger(__name__)
 
 LOSS = "f_hal"
 SWEPT_KEYS = ("loss", "lam", "seed")  # set per run by the sweep
+MONITOR_KEY, JUDGE_KEY = "monitor", "judge"  # beside the trainer's keys, not its own
 # The table's metric columns, in order: mean over seeds, and ``<name>_std`` beside each.
 METRICS = (
     "rm_reward",
@@ -46,25 +57,23 @@ METRICS = (
     "bhattacharyya",
     "kl_to_ref",
 )
+EXTRA_METRICS = ("greedy_gold_score", "refusal_rate", "neither_rate")
 RUN_COLUMNS = (
     "lam",
     "seed",
     *METRICS,
-    "greedy_gold_score",
-    "refusal_rate",
-    "neither_rate",
+    *EXTRA_METRICS,
     "train_rm_reward_final",
     "train_gold_score_final",
     "reward_hacking_steps",
     "train_time",
     "eval_time",
 )
-EXTRA_METRICS = ("greedy_gold_score", "refusal_rate", "neither_rate")
 CURVE_COLUMNS = ("method", "seed", "step", "rm_reward", "gold_score", "kl_to_ref", "rm_gain")
-FINAL_FRACTION = 0.1  # train_*_final: mean over the last 10% of steps
 
 OnRunStart = Callable[[float, int, TrainerConfig], None]
 OnRunEnd = Callable[[float, int, dict[str, Any], pd.DataFrame], None]
+Hidden = tuple[torch.Tensor, torch.Tensor]  # harmful and benign anchors' hidden states
 
 
 def lam_label(lam: float | str) -> str:
@@ -72,23 +81,41 @@ def lam_label(lam: float | str) -> str:
     return lam if isinstance(lam, str) else f"{lam:g}"
 
 
+def _check_lam(lam: Any) -> None:
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
+        raise ValueError(f"every λ in lams must be a number in [0, 1], got {lam!r}")
+
+
 def check_lams_and_seeds(lams: Sequence[float], seeds: Sequence[int]) -> None:
     """Non-empty, distinct λ in [0, 1]; non-empty, distinct integer seeds."""
-    if isinstance(lams, str) or not isinstance(lams, Sequence) or not lams:
-        raise ValueError(f"lams must be a non-empty list of numbers in [0, 1], got {lams!r}")
-    for lam in lams:
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
-            raise ValueError(f"every λ in lams must be a number in [0, 1], got {lam!r}")
-    if len(set(lams)) != len(lams):
-        raise ValueError(f"lams has duplicates: {list(lams)}")
+    check_distinct(lams, "lams", "numbers in [0, 1]", _check_lam)
     check_seeds(seeds)
 
 
-def run_params(training_params: Mapping[str, Any], lam: float, seed: int) -> dict[str, Any]:
-    """The flat training parameters of one run: loss f_hal at ``lam`` with ``seed``."""
-    params = {k: v for k, v in training_params.items() if k not in RUN_KEYS}
-    params.update(loss=LOSS, lam=float(lam), seed=seed)
-    return params
+def lam_arm(lam: float) -> Arm:
+    """The arm of a λ: loss f_hal at that λ, labelled ``lam=<λ>`` (curves, hidden states)."""
+    return Arm(f"lam={lam_label(lam)}", {"loss": LOSS, "lam": float(lam)})
+
+
+def safety_training_options(
+    params: Mapping[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], GoldJudge]:
+    """The safety training block (parameters_safety_training.yml) checked: (its trainer and
+    run parameters, the reward-hacking monitor's options, the gold judge)."""
+    check_run_params(params)
+    monitor = dict(params.get(MONITOR_KEY) or {})
+    RewardHackingMonitor(**monitor)
+    judge = GoldJudge.from_params(params.get(JUDGE_KEY))
+    training = {k: v for k, v in params.items() if k not in (MONITOR_KEY, JUDGE_KEY)}
+    TrainerConfig.from_params({k: v for k, v in training.items() if k not in RUN_KEYS})
+    return training, monitor, judge
+
+
+def safety_evaluation_options(params: Mapping[str, Any]) -> tuple[EvaluationConfig, GoldJudge]:
+    """The safety evaluation block (parameters_safety_evaluation.yml) checked."""
+    judge = GoldJudge.from_params(params.get(JUDGE_KEY))
+    config = EvaluationConfig(**{k: v for k, v in params.items() if k != JUDGE_KEY})
+    return config, judge
 
 
 @dataclass
@@ -109,7 +136,7 @@ class Anchors:
             )
         return cls(harmful, benign)
 
-    def hidden_states(self, policy: Policy) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, policy: Policy) -> Hidden:
         return (
             last_prompt_hidden_states(policy, self.harmful),
             last_prompt_hidden_states(policy, self.benign),
@@ -124,7 +151,7 @@ def evaluate_safety(
     config: EvaluationConfig,
     reward_fn: RewardFn,
     judge: GoldJudge = gold_judge,
-) -> tuple[dict[str, float], pd.DataFrame, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[dict[str, float], pd.DataFrame, Hidden]:
     """Held-out safety metrics of ``policy``, its sampled completions, and its anchor states.
 
     ``rm_reward`` is the reward model's mean over samples, ``gold_score`` / ASR /
@@ -155,12 +182,29 @@ class SafetyComparisonResult:
     runs: pd.DataFrame
     curves: pd.DataFrame
     base: dict[str, float]
-    hidden: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    hidden: dict[str, Hidden]
 
 
-def _final_mean(metrics: pd.DataFrame, column: str) -> float:
-    tail = max(1, round(len(metrics) * FINAL_FRACTION))
-    return float(metrics[column].iloc[-tail:].mean()) if column in metrics else math.nan
+def run_row(result: ArmResult[tuple[dict[str, float], Hidden]]) -> dict[str, Any]:
+    """A run's row of the runs table (``RUN_COLUMNS``)."""
+    report, metrics = result.evaluation[0], result.metrics
+    return {
+        "lam": lam_label(result.arm.overrides["lam"]),
+        "seed": result.seed,
+        **{k: report[k] for k in (*METRICS, *EXTRA_METRICS)},
+        "train_rm_reward_final": final_mean(metrics, "rm_reward"),
+        "train_gold_score_final": final_mean(metrics, "gold_score"),
+        "reward_hacking_steps": float(metrics["reward_hacking"].mean()),
+        "train_time": result.train_time,
+        "eval_time": result.eval_time,
+    }
+
+
+def _describe(evaluation: tuple[dict[str, float], Hidden]) -> str:
+    values = (evaluation[0][k] for k in METRICS[:5])
+    return "RM reward {:.3f}, gold {:.3f}, ASR {:.3f}, over-refusal {:.3f}, D_B {:.3f}".format(
+        *values
+    )
 
 
 def run_safety_comparison(
@@ -180,6 +224,7 @@ def run_safety_comparison(
     eval_judge: GoldJudge = gold_judge,
     on_run_start: OnRunStart | None = None,
     on_run_end: OnRunEnd | None = None,
+    on_arm: OnArm | None = None,
     progress: bool = True,
 ) -> SafetyComparisonResult:
     """Train and evaluate f-HAL at every (λ, seed) from ``base_policy``; see the module doc.
@@ -187,94 +232,52 @@ def run_safety_comparison(
     ``training_params`` are flat training parameters (loss, λ and seed are set per run);
     ``monitor`` the :class:`RewardHackingMonitor` options; ``train_judge`` measures the
     training rollouts (never trains), ``eval_judge`` the held-out samples. Every run's
-    configuration is validated before the first one starts.
+    configuration is validated before the first one starts. ``on_run_start(λ, seed,
+    config)``, ``on_run_end(λ, seed, row, metrics)`` and ``on_arm(arm, seed, result)`` as in
+    :func:`~fgrpo_pipeline.experiments.divergence_sweep.run_comparison`.
     """
     check_lams_and_seeds(lams, seeds)
-    if train_prompts.empty or test_prompts.empty:
-        raise ValueError(
-            f"the safety comparison needs train and test prompts, got {len(train_prompts)} "
-            f"train and {len(test_prompts)} test"
-        )
+    check_prompts("safety comparison", train_prompts, test_prompts)
     monitor = dict(monitor or {})
     RewardHackingMonitor(**monitor)  # options checked before any work
-    train_progress = bool(training_params.get("progress", progress)) and progress
-    plan = sweep_plan(lams, seeds, lambda lam, seed: run_params(training_params, lam, seed))
+    plan = plan_sweep([lam_arm(lam) for lam in lams], seeds, training_params)
 
-    base, _, base_hidden = evaluate_safety(
-        base_policy, base_policy, test_prompts, anchors, evaluation_config, reward_fn, eval_judge
-    )
-    logger.info(
-        "base policy: RM reward %.3f, gold %.3f, ASR %.3f, over-refusal %.3f, D_B %.3f",
-        *(base[k] for k in METRICS[:5]),
-    )
-    hidden = {"base": base_hidden}
-    rows, curves = [], []
-    bar = tqdm(plan, desc="safety comparison", disable=not progress, mininterval=1.0)
-    for lam, seed, config in bar:
-        bar.set_postfix(lam=lam, seed=seed)
+    def evaluate(policy: Policy) -> tuple[dict[str, float], Hidden]:
+        report, _, hidden = evaluate_safety(
+            policy, base_policy, test_prompts, anchors, evaluation_config, reward_fn, eval_judge
+        )
+        return report, hidden
+
+    def started(arm: Arm, seed: int, config: TrainerConfig) -> None:
         if on_run_start is not None:
-            on_run_start(lam, seed, config)
-        t0 = time.perf_counter()
-        result = train(
-            base_policy,
-            train_prompts,
-            config,
+            on_run_start(arm.overrides["lam"], seed, config)
+
+    result = run_sweep(
+        plan,
+        base_policy,
+        train_prompts,
+        evaluate,
+        training=Training(
             preferences=preferences,
-            progress=train_progress,
             reward_fn=reward_fn,
             correctness_fn=train_judge,
-            monitors=[RewardHackingMonitor(**monitor)],
-        )
-        t1 = time.perf_counter()
-        report, _, run_hidden = evaluate_safety(
-            result.policy,
-            base_policy,
-            test_prompts,
-            anchors,
-            evaluation_config,
-            reward_fn,
-            eval_judge,
-        )
-        t2 = time.perf_counter()
-        metrics = result.metrics
-        row = {
-            "lam": lam_label(lam),
-            "seed": seed,
-            **{k: report[k] for k in (*METRICS, *EXTRA_METRICS)},
-            "train_rm_reward_final": _final_mean(metrics, "rm_reward"),
-            "train_gold_score_final": _final_mean(metrics, "gold_score"),
-            "reward_hacking_steps": float(metrics["reward_hacking"].mean()),
-            "train_time": t1 - t0,
-            "eval_time": t2 - t1,
-        }
-        rows.append(row)
-        if seed == seeds[0]:
-            hidden[f"lam={lam_label(lam)}"] = run_hidden
-        curves.append(
-            metrics.reindex(columns=list(CURVE_COLUMNS[2:])).assign(
-                method=f"lam={lam_label(lam)}", seed=seed
-            )
-        )
-        logger.info(
-            "λ=%s seed %d: RM %.3f, gold %.3f, ASR %.3f, over-refusal %.3f, D_B %.3f (%.0f s)",
-            row["lam"],
-            seed,
-            *(row[k] for k in METRICS[:5]),
-            t2 - t0,
-        )
-        if on_run_end is not None:
-            on_run_end(lam, seed, dict(row), metrics)
-        del result
-    bar.close()
-
-    runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
-    curve_table = pd.concat(curves, ignore_index=True)[list(CURVE_COLUMNS)]
+            monitors=lambda: [RewardHackingMonitor(**monitor)],
+        ),
+        row=run_row,
+        describe=_describe,
+        on_start=started,
+        on_arm=finished_run(lambda arm: arm.overrides["lam"], on_run_end, on_arm),
+        progress=progress,
+        desc="safety comparison",
+    )
+    runs = result.table(RUN_COLUMNS)
+    first_seed = [r for r in result.arms if r.seed == seeds[0]]
     return SafetyComparisonResult(
-        table=safety_table(runs, base),
+        table=safety_table(runs, result.base[0]),
         runs=runs,
-        curves=curve_table,
-        base=base,
-        hidden=hidden,
+        curves=curves_table(result.metrics, CURVE_COLUMNS),
+        base=result.base[0],
+        hidden={"base": result.base[1], **{r.arm.label: r.evaluation[1] for r in first_seed}},
     )
 
 
