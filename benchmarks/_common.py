@@ -22,9 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 
-# The run keys of parameters_training.yml that say how a run is shown, not what it trains.
-_RUN_KEYS = ("progress", "resume_dir")
-
 
 def load_avg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
@@ -221,14 +218,13 @@ def training_config(params: Mapping[str, Any], **overrides: Any):
     ``sampling`` overrides merge key by key. No checkpoints or completions tables, and
     ``num_threads=0`` (the benchmark sets the threads itself).
     """
-    from fgrpo_pipeline.training.config import TrainerConfig
+    from fgrpo_pipeline.pipelines.training.params import TrainingParams
 
-    values = {k: v for k, v in params["training"].items() if k not in _RUN_KEYS}
-    values = json.loads(json.dumps(values))  # plain containers, no OmegaConf nodes
-    values.update(checkpoint_every=0, log_completions_every=0, num_threads=0)
+    values = json.loads(json.dumps(params["training"]))  # plain containers, no OmegaConf nodes
+    values.update(checkpoint_every=0, log_completions_every=0, num_threads=0, resume_dir=None)
     sampling = {**values.get("sampling", {}), **overrides.pop("sampling", {})}
     values.update(overrides, sampling=sampling)
-    return TrainerConfig.from_params(values)
+    return TrainingParams.from_params(values).config
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
@@ -262,3 +258,106 @@ def write_result(name: str, payload: Mapping[str, Any], out: Path | None = None)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"written: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
+
+
+# --- The realistic shape (``vs_trl.py --shape realistic``, ``memory.py --shape realistic``) ---
+#
+# A locally built, untrained Qwen2 of a few million parameters over the character tokenizer;
+# few-shot sum prompts of ~60 tokens; P = 8 prompts × G = 8 completions; up to 48 new tokens
+# (``--lengths`` for others); a reward with spread on random text. The untrained model samples
+# EOS about as often as any other of its 100 tokens, so completions end early more often the
+# longer the budget (mean ~36 of 48 in smoke runs); the benchmarks record the mean length.
+
+REALISTIC_MODEL = {
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 1024,
+}
+REALISTIC_PROMPTS_PER_STEP = 8
+REALISTIC_GROUP_SIZE = 8
+REALISTIC_MAX_NEW_TOKENS = 48
+REALISTIC_SHOTS = 6  # solved examples before the question: ~60 prompt tokens with BOS
+REALISTIC_NUM_PROMPTS = 512
+REALISTIC_SEED = 0
+
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # the char tokenizer's, in case left in
+
+
+def digit_share(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+    """The share of a completion's characters that are digits (0 for an empty one).
+
+    TRL's reward signature, ``(prompts, completions, **kwargs) -> list[float]``, which is also
+    ours (``train(..., reward_fn=digit_share)``). On an untrained model's random text it has
+    spread within every group (~0.1 on average), so no group's advantages are all zero.
+    """
+    scores = []
+    for completion in completions:
+        text = completion
+        for token in _SPECIAL_TOKENS:
+            text = text.replace(token, "")
+        scores.append(sum(ch.isdigit() for ch in text) / len(text) if text else 0.0)
+    return scores
+
+
+digit_share.__name__ = "digit_share"  # TRL logs rewards under __name__
+
+
+def realistic_prompts(
+    num_prompts: int = REALISTIC_NUM_PROMPTS,
+    shots: int = REALISTIC_SHOTS,
+    seed: int = REALISTIC_SEED,
+):
+    """Few-shot sums: ``shots`` solved ``a+b=c`` lines (two-digit operands), then a question.
+
+    Columns id, prompt, ground_truth (the question's sum; ours scores correctness with it).
+    """
+    import random
+
+    import pandas as pd
+
+    rng = random.Random(seed)
+
+    def operands() -> tuple[int, int]:
+        return rng.randint(10, 99), rng.randint(10, 99)
+
+    rows = []
+    for i in range(num_prompts):
+        solved = "".join(f"{a}+{b}={a + b}\n" for a, b in (operands() for _ in range(shots)))
+        a, b = operands()
+        rows.append(
+            {"id": f"realistic-{i:05d}", "prompt": f"{solved}{a}+{b}=", "ground_truth": str(a + b)}
+        )
+    return pd.DataFrame(rows)
+
+
+def realistic_policy(*, max_position_embeddings: int = 512, seed: int = REALISTIC_SEED):
+    """The untrained Qwen2 of ``REALISTIC_MODEL`` over the character tokenizer (eval mode)."""
+    from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+
+    policy = build_tiny_policy(
+        build_char_tokenizer(),
+        seed=seed,
+        max_position_embeddings=max_position_embeddings,
+        **REALISTIC_MODEL,
+    )
+    policy.model.eval()
+    return policy
+
+
+def realistic_overrides(max_new_tokens: int = REALISTIC_MAX_NEW_TOKENS) -> dict[str, Any]:
+    """``training_config`` overrides of the realistic shape (f-GRPO, KL, β = 0.1 as in conf)."""
+    return {
+        "prompts_per_step": REALISTIC_PROMPTS_PER_STEP,
+        "group_size": REALISTIC_GROUP_SIZE,
+        "beta": 0.1,
+        "sampling": {"max_new_tokens": max_new_tokens},
+    }
+
+
+def save_policy(policy, directory: Path) -> Path:
+    """``save_pretrained`` of the model and its tokenizer, for both trainers to load back."""
+    policy.model.save_pretrained(directory)
+    policy.tokenizer.save_pretrained(directory)
+    return directory

@@ -1,13 +1,19 @@
 """Behaviour of the alignment losses: gradient signs, reductions, baselines, bad input."""
 
 import math
+import re
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fgrpo_pipeline.algorithms.advantages import group_advantages
 from fgrpo_pipeline.algorithms.divergences import divergence_names
 from fgrpo_pipeline.algorithms.losses import (
+    LOSS_OPTIONS,
+    LOSSES,
     LossConfig,
     LossInputs,
     PreferenceInputs,
@@ -342,7 +348,8 @@ def _loss_inputs(with_offline=False):
 @pytest.mark.parametrize("name", ["f_grpo", "fdo", "f_hal", "grpo", "dpo"])
 def test_every_registered_loss_moves_aligned_up_on_rollouts(name):
     inputs = _loss_inputs(with_offline=name == "f_hal")
-    config = LossConfig(name=name, divergence="pearson", lam=0.5)
+    pearson = {"divergence": "pearson"} if name in LOSS_OPTIONS["divergence"] else {}
+    config = LossConfig(name=name, lam=0.5, **pearson)
     out = get_loss(name)(inputs, config)
     (grad,) = torch.autograd.grad(out.loss, inputs.logps)
     seq_grad = (grad * inputs.mask).sum(1)
@@ -375,6 +382,79 @@ def test_f_hal_adapter_requires_offline_batch():
 def test_loss_config_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LossConfig(**kwargs)
+
+
+# A valid value other than the default for every option of LossConfig.
+NON_DEFAULT = {
+    "divergence": "hellinger",
+    "beta": 0.2,
+    "weights": "snis",
+    "lam": 0.3,
+    "epsilon": 0.1,
+    "kl_coef": 0.05,
+    "aggregation": "dapo",
+    "reward_bound": None,
+    "hal_scaling": "balanced",
+    "epsilon_high": 0.28,
+    "drop_zero_spread": True,
+}
+
+
+def test_the_option_table_covers_every_option_and_names_registered_losses():
+    options = {f.name for f in fields(LossConfig)} - {"name"}
+    assert set(LOSS_OPTIONS) == options == set(NON_DEFAULT)
+    for losses in LOSS_OPTIONS.values():
+        assert set(losses) <= set(LOSSES.names())
+
+
+@pytest.mark.parametrize(
+    ("option", "loss"),
+    [(option, loss) for option in LOSS_OPTIONS for loss in loss_names()],
+)
+def test_an_option_is_refused_for_a_loss_that_ignores_it(option, loss):
+    value = NON_DEFAULT[option]
+    if loss in LOSS_OPTIONS[option]:
+        assert getattr(LossConfig(name=loss, **{option: value}), option) == value
+    else:
+        message = rf"{option}={re.escape(repr(value))} applies to loss .* only, not '{loss}'"
+        with pytest.raises(ValueError, match=message):
+            LossConfig(name=loss, **{option: value})
+    # the default is accepted by every loss (the parameter files set every option)
+    LossConfig(name=loss, **{option: getattr(LossConfig(), option)})
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "base"
+
+
+def _shipped_block(file: str, block: str) -> dict:
+    """A block of a conf/base parameter file, its ``${globals:...}`` values replaced by those
+    of conf/base/globals.yml."""
+    shipped = yaml.safe_load((CONF / "globals.yml").read_text())
+
+    def resolve(value):
+        if isinstance(value, dict):
+            return {k: resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        found = re.fullmatch(r"\$\{globals:(\w+)\}", value) if isinstance(value, str) else None
+        return shipped[found.group(1)] if found else value
+
+    return resolve(yaml.safe_load((CONF / file).read_text())[block])
+
+
+@pytest.mark.parametrize("loss", ["f_grpo", "f_hal", "fdo", "grpo", "dpo"])
+def test_the_shipped_training_parameters_run_every_loss(loss):
+    """``kedro run --params "training.loss=<loss>"`` over parameters_training.yml (and the
+    safety setting's) passes no option the loss would ignore."""
+    from fgrpo_pipeline.pipelines.safety_training.params import SafetyTrainingParams
+    from fgrpo_pipeline.pipelines.training.params import TrainingParams
+
+    for file, block, cls in (
+        ("parameters_training.yml", "training", TrainingParams),
+        ("parameters_safety_training.yml", "safety_training", SafetyTrainingParams),
+    ):
+        config = cls.from_params({**_shipped_block(file, block), "loss": loss}).config
+        assert config.loss.name == loss
 
 
 def test_f_grpo_bad_inputs():

@@ -78,11 +78,12 @@ def test_plan_is_arm_by_arm_with_each_arms_overrides_and_seed():
     assert [r.config.seed for r in plan.runs] == [0, 1, 0, 1]
     assert [r.config.loss.name for r in plan.runs] == ["f_grpo", "f_grpo", "grpo", "grpo"]
     assert plan.runs[0].config.loss.divergence == "hellinger"
-    assert plan.runs[2].config.loss.divergence == "kl"  # grpo leaves the shared value alone
+    assert plan.runs[2].config.loss.divergence == "kl"  # grpo's: the default, unused
     assert plan.num_threads == 1 and plan.train_progress is False
     # run keys (progress, resume_dir) say how a run is shown, not what it trains
+    # and grpo takes no divergence: the shared block's is dropped for its arm
     assert ARMS[1].params({**TRAINING, "resume_dir": "x"}, 5) == {
-        **{k: v for k, v in TRAINING.items() if k != "progress"},
+        **{k: v for k, v in TRAINING.items() if k not in ("progress", "divergence")},
         "loss": "grpo",
         "seed": 5,
     }
@@ -192,3 +193,14 @@ def test_each_run_is_reported_once_and_is_the_direct_train_call(setting):
     hellinger, grpo = result.arms[0].evaluation, result.arms[2].evaluation
     assert not all(torch.equal(a, b) for a, b in zip(hellinger, grpo, strict=True))
     assert not result.arms[0].metrics["loss"].equals(result.arms[1].metrics["loss"])
+
+
+def test_an_arm_drops_the_loss_options_its_loss_ignores():
+    from fgrpo_pipeline.training.config import TrainerConfig
+
+    shared = {"loss": "f_grpo", "divergence": "pearson", "weights": "snis", "progress": False}
+    grpo = Arm("grpo", {"loss": "grpo"}).params(shared, seed=3)
+    assert grpo == {"loss": "grpo", "seed": 3}
+    TrainerConfig.from_params(grpo)  # accepted: nothing grpo would ignore
+    f_grpo = Arm("f_grpo:kl", {"divergence": "kl"}).params(shared, seed=3)
+    assert f_grpo["divergence"] == "kl" and f_grpo["weights"] == "snis"

@@ -304,8 +304,11 @@ def test_drop_zero_spread_counts_and_logs_the_dropped_groups(policy, prompts):
             {"loss": "f_grpo", "hal_scaling": "balanced"},
             "hal_scaling='balanced' applies to loss f_hal",
         ),
-        ({"loss": "f_grpo", "epsilon_high": 0.28}, "epsilon_high applies to loss grpo only"),
-        ({"loss": "dpo", "drop_zero_spread": True}, "drop_zero_spread applies to f_grpo"),
+        ({"loss": "f_grpo", "epsilon_high": 0.28}, "epsilon_high=0.28 applies to loss grpo only"),
+        (
+            {"loss": "dpo", "drop_zero_spread": True},
+            "drop_zero_spread=True applies to loss f_grpo, f_hal, grpo only, not 'dpo'",
+        ),
     ],
 )
 def test_options_of_one_loss_are_refused_for_another(params, message):

@@ -7,29 +7,33 @@ import logging
 
 from kedro.framework.hooks import hook_impl
 
-from fgrpo_pipeline.pipelines.base_policy.nodes import check_params as check_base_policy
+from fgrpo_pipeline.algorithms.labeling import LabelingConfig
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
+from fgrpo_pipeline.pipelines.base_policy.params import BasePolicyConfig
 from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
-from fgrpo_pipeline.pipelines.data_preparation.nodes import check_params as check_data
-from fgrpo_pipeline.pipelines.evaluation.nodes import check_params as check_evaluation
-from fgrpo_pipeline.pipelines.reward_labeling.nodes import check_params as check_labeling
-from fgrpo_pipeline.pipelines.reward_model.nodes import check_params as check_reward_model
-from fgrpo_pipeline.pipelines.rollout_generation.nodes import check_params as check_rollouts
-from fgrpo_pipeline.pipelines.safety_base_policy.nodes import check_params as check_safety_base
+from fgrpo_pipeline.pipelines.parameters import read_params
+from fgrpo_pipeline.pipelines.rollout_generation.nodes import RolloutGenerationConfig
+from fgrpo_pipeline.pipelines.safety_base_policy.nodes import SafetyBasePolicyConfig
 from fgrpo_pipeline.pipelines.safety_comparison.nodes import check_params as check_safety_sweep
-from fgrpo_pipeline.pipelines.safety_data.nodes import check_params as check_safety_data
-from fgrpo_pipeline.pipelines.safety_training.nodes import check_evaluation_params
-from fgrpo_pipeline.pipelines.safety_training.nodes import check_params as check_safety_training
-from fgrpo_pipeline.pipelines.training.nodes import check_params as check_training
-from fgrpo_pipeline.safety.data import validate_records
+from fgrpo_pipeline.pipelines.safety_training.params import (
+    SafetyEvaluationParams,
+    SafetyTrainingParams,
+)
+from fgrpo_pipeline.pipelines.training.params import TrainingParams
+from fgrpo_pipeline.safety.data import (
+    SafetyDataConfig,
+    validate_pairs,
+    validate_records,
+    validate_safety_prompts,
+)
+from fgrpo_pipeline.safety.reward_model import RewardModelConfig
 from fgrpo_pipeline.tasks.checks import (
     validate_aligned,
-    validate_pairs,
     validate_rollouts,
-    validate_safety_prompts,
     validate_sides,
     validate_unaligned,
 )
-from fgrpo_pipeline.tasks.sources import validate_prompts
+from fgrpo_pipeline.tasks.sources import DataPreparationConfig, validate_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -48,27 +52,33 @@ INPUT_CHECKS = {
     "reward_pairs_test": validate_pairs,
 }
 
+# Parameter block -> its class; ``from_params`` builds (and so checks) the block.
+PARAMETER_CLASSES = {
+    "data_preparation": DataPreparationConfig,
+    "base_policy": BasePolicyConfig,
+    "rollout_generation": RolloutGenerationConfig,
+    "reward_labeling": LabelingConfig,
+    "training": TrainingParams,
+    "evaluation": EvaluationConfig,
+    "safety_data": SafetyDataConfig,
+    "reward_model": RewardModelConfig,
+    "safety_base_policy": SafetyBasePolicyConfig,
+    "safety_training": SafetyTrainingParams,
+    "safety_evaluation": SafetyEvaluationParams,
+}
+# The sweeps' blocks, checked by their pipelines' own functions (errors name the file).
 CHECKS = {
-    "data_preparation": check_data,
-    "base_policy": check_base_policy,
-    "rollout_generation": check_rollouts,
-    "reward_labeling": check_labeling,
-    "training": check_training,
-    "evaluation": check_evaluation,
     "comparison": check_comparison,
-    "safety_data": check_safety_data,
-    "reward_model": check_reward_model,
-    "safety_base_policy": check_safety_base,
-    "safety_training": check_safety_training,
-    "safety_evaluation": check_evaluation_params,
     "safety_comparison": check_safety_sweep,
 }
 
 
 class ParameterValidationHook:
-    """Runs each pipeline's parameter check up front, so a typo stops the run at once."""
+    """Builds each parameter block the run needs (its class in ``PARAMETER_CLASSES``) up front,
+    so a typo stops the run at once."""
 
-    @hook_impl
+    # tryfirst: before kedro-mlflow starts the run, so a refused run leaves no MLflow run
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params, pipeline, catalog) -> None:
         needed = {
             name.removeprefix("params:").split(".")[0]
@@ -76,11 +86,15 @@ class ParameterValidationHook:
             if name.startswith("params:")
         }
         params = catalog.load("parameters")
-        for key in sorted(needed & CHECKS.keys()):
+        checked = sorted(needed & (PARAMETER_CLASSES.keys() | CHECKS.keys()))
+        for key in checked:
             if key not in params:
                 raise ValueError(f"parameters_{key}.yml: the '{key}' block is missing")
-            CHECKS[key](params[key])
-        logger.info("parameters checked: %s", ", ".join(sorted(needed & CHECKS.keys())))
+            if key in PARAMETER_CLASSES:
+                read_params(PARAMETER_CLASSES[key], params[key])
+            else:
+                CHECKS[key](params[key])
+        logger.info("parameters checked: %s", ", ".join(checked))
         check_inputs(pipeline, catalog)
 
 

@@ -189,15 +189,13 @@ def run_files(args: argparse.Namespace) -> int:
     """``files`` mode: train on every rank, write the rank files and rank 0's outputs."""
     from fgrpo_pipeline.algorithms.rewards import combine_rewards
     from fgrpo_pipeline.models.lora import merge_for_export
-    from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
+    from fgrpo_pipeline.pipelines.training.params import TrainingParams
     from fgrpo_pipeline.training.distributed import world_size
     from fgrpo_pipeline.training.loop import train
     from fgrpo_pipeline.training.preferences import preferences_from_splits
 
-    params = load_params(args.params, parse_assignments(args.set))
-    check_run_params(params)
-    config = TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
-    config.check_launch()
+    run = TrainingParams.from_params(load_params(args.params, parse_assignments(args.set)))
+    config = run.config
     prompts = _read_table(args.prompts)
     if args.split and "split" in prompts.columns:
         prompts = prompts[prompts["split"] == args.split]
@@ -215,9 +213,9 @@ def run_files(args: argparse.Namespace) -> int:
         prompts,
         config,
         preferences=preferences,
-        progress=params.get("progress", True) and not args.quiet,
+        progress=run.progress and not args.quiet,
         reward_fn=reward_fn,
-        resume_dir=params.get("resume_dir"),
+        resume_dir=run.resume_dir,
     )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,40 @@ table and are counted per group, but belong to neither split.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from fgrpo_pipeline.algorithms.advantages import group_advantages, group_stats
-from fgrpo_pipeline.algorithms.rewards import score_completions
+from fgrpo_pipeline.algorithms.advantages import ADVANTAGE_SCALES, group_advantages, group_stats
+from fgrpo_pipeline.algorithms.params import Params, require_choice
+from fgrpo_pipeline.algorithms.rewards import REWARDS, RewardFn, combine_rewards, score_completions
 
 LABEL_COLUMNS = ("reward", "correct", "advantage", "side")
+
+
+@dataclass
+class LabelingConfig(Params):
+    """How rollouts are scored (``reward_labeling`` in parameters_reward_labeling.yml): the
+    weighted rewards, the reward whose value 1 counts as correct, the advantage scale."""
+
+    BLOCK = "reward_labeling"
+
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_number": 1.0})
+    correctness_reward: str = "exact_number"
+    advantage_scale: str = "group"
+
+    def check(self) -> None:
+        combine_rewards(self.rewards)  # names and weights
+        REWARDS.check(self.correctness_reward, "reward_labeling.correctness_reward")
+        require_choice(self.advantage_scale, ADVANTAGE_SCALES, "advantage_scale")
+
+    def reward_fn(self) -> RewardFn:
+        return combine_rewards(self.rewards)
+
+    def correctness_fn(self) -> RewardFn:
+        return REWARDS.get(self.correctness_reward)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -214,11 +215,48 @@ def f_grpo_loss(
     ranks). The metric ``divergence_estimate`` is the estimate the loss optimises: the
     ``balanced`` bracket above, averaged over the groups with spread.
     """
+    div = _check_f_grpo_options(divergence, beta, weights, scaling, reward_bound)
+    n_groups = _check_f_grpo_tensors(
+        logps, ref_logps, advantages, group_size, old_logps, rewards, sampling_logps
+    )
+    old = logps.detach() if old_logps is None else old_logps.detach()
+    score, prefactor = _f_grpo_score(logps, ref_logps, old, beta, old_ratio_coef, reward_bound)
+    critic, conj = div.link(score), div.conjugate_of_link(score)
+    grid = (n_groups, group_size)
+    log_q = old if sampling_logps is None else sampling_logps.detach()
+    w, ess = _f_grpo_weights(weights, score, advantages, rewards, log_q, grid)
+    loss, metrics = _f_grpo_objective(
+        critic, conj, score, advantages, w, grid, scaling, drop_zero_spread, group_count, prefactor
+    )
+    return LossOutput(loss=loss, metrics=metrics | ess)
+
+
+def _check_f_grpo_options(
+    divergence: Divergence | str,
+    beta: float,
+    weights: str,
+    scaling: str,
+    reward_bound: float | None,
+) -> Divergence:
+    """:func:`f_grpo_loss`'s option checks; the divergence."""
     _check_beta(beta)
     _check_bound(reward_bound)
     div = _resolve(divergence)
     _check_choice(weights, WEIGHT_SCHEMES, "weights")
     _check_choice(scaling, HAL_SCALINGS, "scaling")
+    return div
+
+
+def _check_f_grpo_tensors(
+    logps: Tensor,
+    ref_logps: Tensor,
+    advantages: Tensor,
+    group_size: int,
+    old_logps: Tensor | None,
+    rewards: Tensor | None,
+    sampling_logps: Tensor | None,
+) -> int:
+    """:func:`f_grpo_loss`'s input checks; the number of groups."""
     _check_flat("logps", logps)
     _check_same_shape(
         logps=logps,
@@ -231,46 +269,78 @@ def f_grpo_loss(
     n_groups = check_group_layout(logps.numel(), group_size, "logps")
     if not torch.isfinite(advantages).all():
         raise ValueError("advantages must be finite (NaN/inf found)")
+    return n_groups
 
-    old = logps.detach() if old_logps is None else old_logps.detach()
+
+def _f_grpo_score(
+    logps: Tensor,
+    ref_logps: Tensor,
+    old: Tensor,
+    beta: float,
+    old_ratio_coef: float | None,
+    reward_bound: float | None,
+) -> tuple[Tensor, float]:
+    """The bounded implicit reward ``s = β(logps − ref)`` (``+ γ(logps − old)`` with the
+    authors' surrogate) and the loss's prefactor (``1 + 1/β``; 1 with the surrogate)."""
     score = beta * (logps - ref_logps)
     prefactor = 1.0 + 1.0 / beta
     if old_ratio_coef is not None:
         score = score + old_ratio_coef * (logps - old)
         prefactor = 1.0
+    return bounded(score, reward_bound), prefactor
 
-    aligned = advantages > 0
-    score = bounded(score, reward_bound)
-    critic = div.link(score)
-    conj = div.conjugate_of_link(score)
 
-    grid = (n_groups, group_size)
-    side_pos, side_neg = aligned.view(grid), (advantages < 0).view(grid)
-    if weights == "snis":
-        r = (rewards if rewards is not None else advantages).detach().view(grid)
-        log_q = (old if sampling_logps is None else sampling_logps.detach()).view(grid)
-        w_pos = _snis_weights(r - log_q, side_pos)
-        w_neg = _snis_weights(-r - log_q, side_neg)
-        w = (w_pos + w_neg).reshape(-1)
-    else:
-        w = torch.ones_like(score)
+def _f_grpo_weights(
+    weights: str,
+    score: Tensor,
+    advantages: Tensor,
+    rewards: Tensor | None,
+    log_q: Tensor,
+    grid: tuple[int, int],
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-row side weights [N] (``uniform``: 1; ``snis``: a softmax within each side of each
+    group of ``±r − log q``) and, for snis, each side's effective sample size."""
+    if weights != "snis":
+        return torch.ones_like(score), {}
+    side_pos, side_neg = (advantages > 0).view(grid), (advantages < 0).view(grid)
+    r = (rewards if rewards is not None else advantages).detach().view(grid)
+    log_q = log_q.view(grid)
+    w_pos = _snis_weights(r - log_q, side_pos)
+    w_neg = _snis_weights(-r - log_q, side_neg)
+    ess = {
+        "ess_aligned": _effective_sample_size(w_pos, side_pos),
+        "ess_unaligned": _effective_sample_size(w_neg, side_neg),
+    }
+    return (w_pos + w_neg).reshape(-1), ess
 
+
+def _f_grpo_objective(
+    critic: Tensor,
+    conj: Tensor,
+    score: Tensor,
+    advantages: Tensor,
+    w: Tensor,
+    grid: tuple[int, int],
+    scaling: str,
+    drop_zero_spread: bool,
+    group_count: Count | None,
+    prefactor: float,
+) -> tuple[Tensor, dict[str, float]]:
+    """The loss, minus the mean over groups (``group_count``, or the groups with spread when
+    ``balanced`` or ``drop_zero_spread``) of the per-group estimate (``balanced``) or of
+    ``prefactor · Σ_i a_i ψ_i`` (``paper``), and its metrics."""
     estimates, spread = _side_estimates(critic, conj, advantages, w, grid)
     n_spread = int(spread.sum().item())
-    if scaling == "balanced" or drop_zero_spread:
-        denominator = _denominator(group_count, n_spread, "group_count")
-    else:
-        denominator = _denominator(group_count, n_groups, "group_count")
+    count = n_spread if scaling == "balanced" or drop_zero_spread else grid[0]
+    denominator = _denominator(group_count, count, "group_count")
     denominator = denominator or 1.0  # no group with spread: the sum is 0 as well
     if scaling == "balanced":
         loss = -estimates.sum() / denominator
     else:
-        psi = torch.where(aligned, w * critic, w * conj)
+        psi = torch.where(advantages > 0, w * critic, w * conj)
         per_group = (advantages * psi).view(grid).sum(dim=1)
         loss = -prefactor * per_group.sum() / denominator
-
-    implicit = score.detach()
-    unaligned = advantages < 0
+    implicit, aligned, unaligned = score.detach(), advantages > 0, advantages < 0
     metrics = {
         "divergence_estimate": estimates.detach().sum().item() / max(n_spread, 1),
         "implicit_reward_aligned": _mean_or_zero(implicit[aligned]),
@@ -278,11 +348,8 @@ def f_grpo_loss(
         "frac_aligned": aligned.float().mean().item(),
     }
     if drop_zero_spread:
-        metrics["dropped_groups"] = float(n_groups - n_spread)
-    if weights == "snis":
-        metrics["ess_aligned"] = _effective_sample_size(w_pos, side_pos)
-        metrics["ess_unaligned"] = _effective_sample_size(w_neg, side_neg)
-    return LossOutput(loss=loss, metrics=metrics)
+        metrics["dropped_groups"] = float(grid[0] - n_spread)
+    return loss, metrics
 
 
 # --------------------------------------------------------------------------- FDO / f-HAL
@@ -386,9 +453,7 @@ def f_hal_loss(
     div = _resolve(divergence)
     parts: list[tuple[float, str, LossOutput]] = []
     if lam < 1.0:
-        if logps is None or ref_logps is None or advantages is None:
-            raise ValueError("f_hal_loss with lam < 1 needs logps, ref_logps and advantages")
-        online = f_grpo_loss(
+        online = _online_term(
             logps,
             ref_logps,
             advantages,
@@ -406,13 +471,8 @@ def f_hal_loss(
         )
         parts.append((1.0 - lam, "online", online))
     if lam > 0.0:
-        offline_inputs = (chosen_logps, chosen_ref_logps, rejected_logps, rejected_ref_logps)
-        if any(t is None for t in offline_inputs):
-            raise ValueError(
-                "f_hal_loss with lam > 0 needs chosen/rejected policy and reference log-probs"
-            )
-        offline = fdo_loss(
-            *offline_inputs,
+        offline = _offline_term(
+            (chosen_logps, chosen_ref_logps, rejected_logps, rejected_ref_logps),
             divergence=div,
             beta=beta,
             reward_bound=reward_bound,
@@ -423,6 +483,30 @@ def f_hal_loss(
     if len(parts) == 1:
         return parts[0][2]
     _check_choice(hal_scaling, HAL_SCALINGS, "hal_scaling")
+    return _weighted_sum(parts)
+
+
+def _online_term(
+    logps: Tensor | None, ref_logps: Tensor | None, advantages: Tensor | None, **options: Any
+) -> LossOutput:
+    """f-HAL's on-policy term: :func:`f_grpo_loss` (its inputs must be given)."""
+    if logps is None or ref_logps is None or advantages is None:
+        raise ValueError("f_hal_loss with lam < 1 needs logps, ref_logps and advantages")
+    return f_grpo_loss(logps, ref_logps, advantages, **options)
+
+
+def _offline_term(inputs: tuple[Tensor | None, ...], **options: Any) -> LossOutput:
+    """f-HAL's offline term: :func:`fdo_loss` of (chosen, chosen ref, rejected, rejected ref)."""
+    if any(t is None for t in inputs):
+        raise ValueError(
+            "f_hal_loss with lam > 0 needs chosen/rejected policy and reference log-probs"
+        )
+    return fdo_loss(*inputs, **options)
+
+
+def _weighted_sum(parts: list[tuple[float, str, LossOutput]]) -> LossOutput:
+    """``Σ weight · loss`` of the (weight, tag, output) parts, each part's metrics under its
+    tag, their weighted divergence estimate, and the weighted parts as ``terms``."""
     terms = {tag: weight * out.loss for weight, tag, out in parts}
     loss = terms["online"] + terms["offline"]
     metrics = {f"{tag}/{key}": value for _, tag, out in parts for key, value in out.metrics.items()}
@@ -465,6 +549,67 @@ def grpo_loss(
     the mean count over the ranks, so that the average of their losses is the whole batch's;
     rows whose mask is all 0 are then left out of the count by the caller).
     """
+    high = _check_grpo_inputs(
+        logps,
+        old_logps,
+        advantages,
+        mask,
+        ref_logps=ref_logps,
+        epsilon=epsilon,
+        epsilon_high=epsilon_high,
+        kl_coef=kl_coef,
+        aggregation=aggregation,
+        max_completion_length=max_completion_length,
+        token_weights=token_weights,
+    )
+    mask = mask.to(logps.dtype)
+    # Clamped in value, gradient straight through: a far-off token cannot overflow exp.
+    log_ratio = bounded(logps - old_logps.detach(), MAX_TOKEN_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.detach().unsqueeze(1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
+    kl = None
+    if ref_logps is not None:
+        delta = bounded(ref_logps.detach() - logps, MAX_TOKEN_LOG_RATIO)
+        kl = torch.exp(delta) - delta - 1.0
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
+
+    loss = _grpo_reduce(
+        per_token,
+        mask,
+        aggregation,
+        max_completion_length=max_completion_length,
+        token_count=token_count,
+        sequence_count=sequence_count,
+    )
+    active = mask.bool()
+    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    metrics = {"clip_fraction": _mean_or_zero(is_clipped[active].float())}
+    if kl is not None:
+        metrics["kl_k3"] = _mean_or_zero(kl.detach()[active])
+    return LossOutput(loss=loss, metrics=metrics)
+
+
+def _check_grpo_inputs(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logps: Tensor | None,
+    epsilon: float,
+    epsilon_high: float | None,
+    kl_coef: float,
+    aggregation: str,
+    max_completion_length: int | None,
+    token_weights: Tensor | None,
+) -> float:
+    """:func:`grpo_loss`'s argument checks; the upper clip ε_high (ε when not given)."""
     _check_choice(aggregation, GRPO_AGGREGATIONS, "aggregation")
     if logps.dim() != 2:
         raise ValueError(f"grpo_loss takes per-token log-probs [N, T], got {list(logps.shape)}")
@@ -491,40 +636,27 @@ def grpo_loss(
             f"max_completion_length={max_completion_length} is shorter than the batch's "
             f"completions ({logps.shape[1]} tokens)"
         )
+    return high
 
-    mask = mask.to(logps.dtype)
-    # Clamped in value, gradient straight through: a far-off token cannot overflow exp.
-    log_ratio = bounded(logps - old_logps.detach(), MAX_TOKEN_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
-    adv = advantages.detach().unsqueeze(1)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    if token_weights is not None:
-        per_token = per_token * token_weights.detach()
-    kl = None
-    if ref_logps is not None:
-        delta = bounded(ref_logps.detach() - logps, MAX_TOKEN_LOG_RATIO)
-        kl = torch.exp(delta) - delta - 1.0
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
 
-    n_rows = _denominator(sequence_count, logps.shape[0], "sequence_count") or 1.0
+def _grpo_reduce(
+    per_token: Tensor,
+    mask: Tensor,
+    aggregation: str,
+    *,
+    max_completion_length: int | None,
+    token_count: Count | None,
+    sequence_count: Count | None,
+) -> Tensor:
+    """GRPO's token reduction (see :func:`grpo_loss`, ``aggregation``)."""
+    n_rows = _denominator(sequence_count, per_token.shape[0], "sequence_count") or 1.0
     if aggregation == "grpo":
-        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n_rows
-    elif aggregation == "dr_grpo":
-        length = max_completion_length or logps.shape[1]
-        loss = (per_token * mask).sum() / (n_rows * length)
-    else:
-        active = _denominator(token_count, mask.sum().item(), "token_count")
-        loss = (per_token * mask).sum() / (active or 1.0)
-
-    active = mask.bool()
-    is_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
-    metrics = {"clip_fraction": _mean_or_zero(is_clipped[active].float())}
-    if kl is not None:
-        metrics["kl_k3"] = _mean_or_zero(kl.detach()[active])
-    return LossOutput(loss=loss, metrics=metrics)
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / n_rows
+    if aggregation == "dr_grpo":
+        length = max_completion_length or per_token.shape[1]
+        return (per_token * mask).sum() / (n_rows * length)
+    active = _denominator(token_count, mask.sum().item(), "token_count")
+    return (per_token * mask).sum() / (active or 1.0)
 
 
 def dpo_loss(
@@ -632,17 +764,45 @@ class LossConfig:
             raise ValueError(
                 f"epsilon_high must be a finite number > 0 or null, got {self.epsilon_high!r}"
             )
-        # Options of one loss only: given to another they would be silently ignored.
-        if self.hal_scaling != "paper" and self.name != "f_hal":
+        if not (isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1):
+            raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon!r}")
+        if not (isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < float("inf")):
+            raise ValueError(f"kl_coef must be a finite number ≥ 0, got {self.kl_coef!r}")
+        check_options_apply(self)
+
+
+# Which losses use each option of LossConfig: what their adapters below read (f_grpo is f_hal
+# at λ = 0, so it reads what f_hal reads but λ). An option set to another value than its
+# default for a loss not listed here would be silently ignored: LossConfig refuses it. A loss
+# registered later uses none of them until it is added here.
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {
+    "divergence": ("f_grpo", "fdo", "f_hal"),
+    # grpo's loss ignores β; the trainer's completions table logs β·log π/π_ref for every loss
+    "beta": ("f_grpo", "fdo", "f_hal", "grpo", "dpo"),
+    "weights": ("f_grpo", "f_hal"),
+    "lam": ("f_hal",),
+    "epsilon": ("grpo",),
+    "kl_coef": ("grpo",),
+    "aggregation": ("grpo",),
+    "reward_bound": ("f_grpo", "fdo", "f_hal"),
+    # also passed on by f_grpo's adapter (f_hal at λ = 0), but an f-HAL choice: f_hal only
+    "hal_scaling": ("f_hal",),
+    "epsilon_high": ("grpo",),
+    # fdo and dpo already leave groups without reward spread out
+    "drop_zero_spread": ("f_grpo", "f_hal", "grpo"),
+}
+
+
+def check_options_apply(config: LossConfig) -> None:
+    """Refuse an option that ``config``'s loss would ignore (:data:`LOSS_OPTIONS`), unless it
+    has its default value (parameter files set every option)."""
+    defaults = {f.name: f.default for f in fields(LossConfig)}
+    for option, losses in LOSS_OPTIONS.items():
+        value = getattr(config, option)
+        if config.name not in losses and value != defaults[option]:
             raise ValueError(
-                f"hal_scaling={self.hal_scaling!r} applies to loss f_hal only, not {self.name!r}"
-            )
-        if self.epsilon_high is not None and self.name != "grpo":
-            raise ValueError(f"epsilon_high applies to loss grpo only, not {self.name!r}")
-        if self.drop_zero_spread and self.name in ("fdo", "dpo"):
-            raise ValueError(
-                f"drop_zero_spread applies to f_grpo, f_hal and grpo, not {self.name!r} "
-                "(which already leaves groups without reward spread out)"
+                f"{option}={value!r} applies to loss {', '.join(losses)} only, not "
+                f"{config.name!r} (which ignores it; its default is {defaults[option]!r})"
             )
 
 
@@ -748,7 +908,7 @@ def _no_signal(inputs: LossInputs, **metrics: float) -> LossOutput:
 @LOSSES.register("f_grpo")
 def _f_grpo(inputs: LossInputs, config: LossConfig) -> LossOutput:
     # f-HAL at λ = 0 is exactly f-GRPO (and needs no offline data).
-    return _f_hal(inputs, replace(config, lam=0.0))
+    return _f_hal_at(inputs, config, lam=0.0)
 
 
 def _group_count(inputs: LossInputs, config: LossConfig) -> float | None:
@@ -782,7 +942,12 @@ def _fdo(inputs: LossInputs, config: LossConfig) -> LossOutput:
 
 @LOSSES.register("f_hal")
 def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
-    if config.lam > 0 and inputs.offline is None:
+    return _f_hal_at(inputs, config, lam=config.lam)
+
+
+def _f_hal_at(inputs: LossInputs, config: LossConfig, lam: float) -> LossOutput:
+    """f-HAL with ``config``'s options at ``lam`` (f-GRPO: λ = 0)."""
+    if lam > 0 and inputs.offline is None:
         raise ValueError("loss f_hal with lam > 0 needs an offline preference minibatch")
     offline = inputs.offline
     return f_hal_loss(
@@ -794,7 +959,7 @@ def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
         offline.rejected_logps if offline else None,
         offline.rejected_ref_logps if offline else None,
         divergence=config.divergence,
-        lam=config.lam,
+        lam=lam,
         beta=config.beta,
         group_size=inputs.group_size,
         weights=config.weights,
@@ -803,7 +968,7 @@ def _f_hal(inputs: LossInputs, config: LossConfig) -> LossOutput:
         reward_bound=config.reward_bound,
         hal_scaling=config.hal_scaling,
         drop_zero_spread=config.drop_zero_spread,
-        group_count=_group_count(inputs, config) if config.lam < 1 else None,
+        group_count=_group_count(inputs, config) if lam < 1 else None,
         sampling_logps=inputs.sampling_logps() if config.weights == "snis" else None,
     )
 

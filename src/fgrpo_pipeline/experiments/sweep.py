@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fgrpo_pipeline.algorithms.losses import LOSS_OPTIONS, LossConfig
 from fgrpo_pipeline.algorithms.rewards import RewardFn
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.training.config import RUN_KEYS, StepMonitor, TrainerConfig
@@ -48,9 +49,15 @@ class Arm:
 
     def params(self, training_params: Mapping[str, Any], seed: int) -> dict[str, Any]:
         """The flat training parameters of one run: ``training_params`` without run keys
-        (``progress``, ``resume_dir``), with this arm's overrides and ``seed``."""
+        (``progress``, ``resume_dir``), with this arm's overrides and ``seed``. Loss options
+        the arm's loss ignores are dropped (a sweep's shared training block holds the
+        options of its f-GRPO arms; the GRPO arm takes no divergence)."""
         params = {k: v for k, v in training_params.items() if k not in RUN_KEYS}
         params.update(self.overrides, seed=seed)
+        loss = params.get("loss", LossConfig.name)
+        for option, losses in LOSS_OPTIONS.items():
+            if loss not in losses and option not in self.overrides:
+                params.pop(option, None)
         return params
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from fgrpo_pipeline.algorithms.labeling import score_rollouts
+from fgrpo_pipeline.algorithms.params import Params, require, require_choice
 from fgrpo_pipeline.algorithms.rewards import RewardFn, combine_rewards, get_reward
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import (
@@ -21,28 +22,35 @@ from fgrpo_pipeline.rollout import (
     repeat_each,
 )
 
+SPLITS = ("train", "test")  # of the prompts table
+
 
 @dataclass
-class EvaluationConfig:
-    """Parameters of ``evaluation`` (parameters_evaluation.yml)."""
+class EvaluationConfig(Params):
+    """Parameters of ``evaluation`` (parameters_evaluation.yml; also the held-out part of
+    parameters_safety_evaluation.yml)."""
 
+    BLOCK = "evaluation"
+    # Read by the caller (which prompts to evaluate), not by evaluate_policy.
+    RUN_KEYS = ("split",)
+
+    split: str = "test"
     k_samples: int = 4
     batch_prompts: int = 64
     max_prompts: int = 0
     engine: str = "hf"
-    rewards: dict | None = None
+    rewards: dict[str, float] | None = None
     correctness_reward: str = "exact_number"
     sampling: SamplingConfig | None = None
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        require_choice(self.split, SPLITS, "split")
         for name in ("k_samples", "batch_prompts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"evaluation parameter {name!r} must be ≥ 1")
-        if self.max_prompts < 0:
-            raise ValueError("evaluation parameter 'max_prompts' must be ≥ 0 (0 = all)")
+            require(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
+        require(self.max_prompts >= 0, "max_prompts", "must be ≥ 0 (0 = all)")
         self.rewards = dict(self.rewards or {"exact_number": 1.0})
-        if isinstance(self.sampling, dict) or self.sampling is None:
-            self.sampling = SamplingConfig(**(self.sampling or {}))
+        if self.sampling is None:
+            self.sampling = SamplingConfig()
         ENGINES.check(self.engine, "evaluation.engine")
         get_reward(self.correctness_reward)
         combine_rewards(self.rewards)

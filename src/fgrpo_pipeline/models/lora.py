@@ -235,7 +235,7 @@ class Reference:
 
     def logprobs(self, batch: Any, temperature: float = 1.0) -> Tensor:
         """``batch_logprobs`` of a rollout batch under the reference."""
-        from fgrpo_pipeline.rollout import batch_logprobs
+        from fgrpo_pipeline.rollout.logprobs import batch_logprobs
 
         return batch_logprobs(self, batch, temperature)
 

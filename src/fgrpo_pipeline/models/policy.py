@@ -20,6 +20,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from fgrpo_pipeline.algorithms.params import Params, require, require_choice
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 DEFAULT_ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
@@ -118,6 +120,35 @@ def tiny_qwen2_config(
     )
 
 
+@dataclass
+class TinyModelConfig(Params):
+    """The size of a locally built Qwen2 (``model`` in parameters_base_policy.yml and the
+    safety files): the options of :func:`build_tiny_policy` and ``build_reward_model``."""
+
+    BLOCK = "model"
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 64
+
+    def check(self) -> None:
+        for name in self.param_names():
+            require(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
+        require(
+            self.hidden_size % self.num_heads == 0,
+            "hidden_size",
+            f"({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})",
+        )
+        require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_heads",
+            f"({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+        )
+
+
 def build_tiny_policy(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -161,6 +192,32 @@ def build_tiny_policy(
 
 
 TOKENIZER_LOADERS = ("auto", "fast")
+
+
+@dataclass
+class PretrainedConfig(Params):
+    """A pretrained model (``base_policy.pretrained``): the options of
+    :func:`load_pretrained_policy`."""
+
+    BLOCK = "pretrained"
+
+    model: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"
+    local_files_only: bool = False
+    tokenizer: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        require_choice(self.tokenizer, TOKENIZER_LOADERS, "tokenizer")
+        require(
+            self.dtype == "auto" or isinstance(getattr(torch, self.dtype, None), torch.dtype),
+            "dtype",
+            f"must be 'auto' or a torch dtype name (bfloat16, …), got {self.dtype!r}",
+        )
+
+    def load(self) -> Policy:
+        return load_pretrained_policy(**self.as_kwargs())
 
 
 def load_pretrained_policy(

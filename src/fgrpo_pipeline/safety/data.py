@@ -11,16 +11,20 @@ Plain Python/pandas (no Kedro, no MLflow).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fgrpo_pipeline.tasks.sources import read_jsonl_objects
+from fgrpo_pipeline.algorithms.params import ParameterError, Params, require, require_choice
+from fgrpo_pipeline.tasks.checks import validate_text_columns
+from fgrpo_pipeline.tasks.sources import read_jsonl_objects, validate_prompts
 
 HARMFUL = "harmful"
 BENIGN = "benign"
@@ -69,9 +73,9 @@ RESPONSES_PER_RECORD = (2, 3)
 
 def _check_int(value: object, name: str, minimum: int | None = None) -> int:
     if not isinstance(value, Integral) or isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ParameterError(name, f"must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ParameterError(name, f"must be >= {minimum}, got {value}")
     return int(value)
 
 
@@ -83,7 +87,7 @@ def _check_fraction(value: object, name: str, *, below_one: bool = False) -> flo
         or not math.isfinite(value)
         or not (0 <= value < 1 if below_one else 0 <= value <= 1)
     ):
-        raise ValueError(f"{name} must be a number in [0, {upper}, got {value!r}")
+        raise ParameterError(name, f"must be a number in [0, {upper}, got {value!r}")
     return float(value)
 
 
@@ -429,3 +433,100 @@ def sft_examples(
             prompts.append(records.at[row, "prompt"])
             responses.append(rng.choice(pool))
     return prompts, responses
+
+
+def validate_pairs(df: pd.DataFrame, source: str) -> None:
+    """Preference pairs: prompt, chosen and rejected strings, none blank."""
+    validate_text_columns(df, PAIR_COLUMNS, source, non_empty=PAIR_COLUMNS)
+
+
+def validate_safety_prompts(df: pd.DataFrame, source: str) -> None:
+    """The safety prompts table: a prompts table whose splits are ``SAFETY_SPLITS``."""
+    validate_prompts(df, source, splits=SAFETY_SPLITS)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass
+class SyntheticConfig(Params):
+    """The seeded synthetic records (``safety_data.synthetic``)."""
+
+    BLOCK = "synthetic"
+
+    n_per_class: int = 256
+
+    def check(self) -> None:
+        _check_int(self.n_per_class, "n_per_class", minimum=1)
+        available = min(len(prompt_pool(safety)) for safety in SAFETY_LABELS)
+        require(
+            self.n_per_class <= available,
+            "n_per_class",
+            f"={self.n_per_class} exceeds the {available} unique prompts per class",
+        )
+
+
+@dataclass
+class SplitConfig(Params):
+    """The records' splits (``safety_data.split``): the options of :func:`split_records`."""
+
+    BLOCK = "split"
+
+    anchor_per_class: int = 64
+    test_fraction: float = 0.25
+
+    def check(self) -> None:
+        _check_int(self.anchor_per_class, "anchor_per_class", minimum=0)
+        _check_fraction(self.test_fraction, "test_fraction", below_one=True)
+
+
+@dataclass
+class RewardPairsConfig(Params):
+    """The reward model's preference pairs (``safety_data.reward_pairs``): ``n_train`` from
+    the train records with ``benign_fraction`` of them benign (or a pairwise jsonl ``path``
+    instead), ``n_test`` held-out pairs from the test records, half benign."""
+
+    BLOCK = "reward_pairs"
+
+    n_train: int = 2000
+    benign_fraction: float = 0.02
+    n_test: int = 400
+    path: str | None = None
+
+    def check(self) -> None:
+        _check_int(self.n_train, "n_train", minimum=1)
+        _check_int(self.n_test, "n_test", minimum=1)
+        _check_fraction(self.benign_fraction, "benign_fraction")
+
+
+@dataclass
+class SafetyDataConfig(Params):
+    """``safety_data`` (parameters_safety_data.yml): where the records come from (``source``:
+    ``synthetic`` or a ``jsonl`` file at ``path``), their splits and the reward pairs."""
+
+    BLOCK = "safety_data"
+    SOURCES = ("synthetic", "jsonl")
+
+    source: str = "synthetic"
+    path: str | None = None
+    seed: int = 0
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    reward_pairs: RewardPairsConfig = dataclasses.field(default_factory=RewardPairsConfig)
+
+    def check(self) -> None:
+        require_choice(self.source, self.SOURCES, "source")
+        require(
+            self.source != "jsonl" or bool(self.path),
+            "path",
+            "is not set, but source is jsonl (a compliance–refusal jsonl file)",
+        )
+
+    def load_records(self) -> pd.DataFrame:
+        """The records of ``source``, checked (without a ``split`` column)."""
+        if self.source == "jsonl":
+            records = load_compliance_refusal(self.path)
+        else:
+            records = make_safety_records(n_per_class=self.synthetic.n_per_class, seed=self.seed)
+        validate_records(records, source=f"safety_data.source={self.source}")
+        return records

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fgrpo_pipeline.algorithms.params import Params, require
 from fgrpo_pipeline.safety.data import BENIGN, HARMFUL
 
 REFUSAL_PATTERN = r"\b(?:sorry|can't|cannot|won't|will not|unable|i refuse)\b"
@@ -186,3 +187,24 @@ class RewardHackingMonitor:
         )
         out["reward_hacking"] = float(hacked)
         return out
+
+
+@dataclass
+class MonitorConfig(Params):
+    """The options of a :class:`RewardHackingMonitor` (``monitor`` in
+    parameters_safety_training.yml); :meth:`build` makes a fresh monitor of them per run."""
+
+    BLOCK = "monitor"
+
+    window: int = 10
+    rm_gain_threshold: float = 0.5
+    gold_gain_threshold: float = 0.0
+
+    def check(self) -> None:
+        require(self.window >= 1, "window", f"must be an integer ≥ 1, got {self.window!r}")
+        for name in ("rm_gain_threshold", "gold_gain_threshold"):
+            value = getattr(self, name)
+            require(math.isfinite(value), name, f"must be a finite number, got {value!r}")
+
+    def build(self) -> RewardHackingMonitor:
+        return RewardHackingMonitor(**self.as_kwargs())

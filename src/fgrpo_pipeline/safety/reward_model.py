@@ -12,8 +12,9 @@ Plain torch/transformers/pandas: no Kedro or MLflow here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
@@ -25,7 +26,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from fgrpo_pipeline.models.policy import tiny_qwen2_config
+from fgrpo_pipeline.algorithms.params import Params, require
+from fgrpo_pipeline.models.policy import TinyModelConfig, tiny_qwen2_config
 from fgrpo_pipeline.training.warmup import index_batches
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -229,6 +231,50 @@ def train_reward_model(
     finally:
         model.train(was_training)
     return history
+
+
+@dataclass
+class RewardModelTrainingConfig(Params):
+    """The Bradley–Terry fit (``reward_model.training``): the options of
+    :func:`train_reward_model` but the seed."""
+
+    BLOCK = "training"
+
+    steps: int = 300
+    batch_size: int = 64
+    learning_rate: float = 0.001
+    weight_decay: float = 0.0
+
+    def check(self) -> None:
+        require(self.steps >= 0, "steps", f"must be an integer ≥ 0, got {self.steps}")
+        require(
+            self.batch_size >= 1, "batch_size", f"must be an integer ≥ 1, got {self.batch_size}"
+        )
+        require(
+            math.isfinite(self.learning_rate) and self.learning_rate > 0,
+            "learning_rate",
+            f"must be > 0, got {self.learning_rate}",
+        )
+        require(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+
+
+@dataclass
+class RewardModelConfig(Params):
+    """``reward_model`` (parameters_reward_model.yml): the model's size and its fit."""
+
+    BLOCK = "reward_model"
+    RUN_KEYS = ("progress",)
+
+    seed: int = 0
+    num_threads: int = 0
+    progress: bool = True
+    model: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(max_position_embeddings=96)
+    )
+    training: RewardModelTrainingConfig = field(default_factory=RewardModelTrainingConfig)
+
+    def check(self) -> None:
+        require(self.num_threads >= 0, "num_threads", f"must be ≥ 0, got {self.num_threads}")
 
 
 def pairwise_accuracy(rm: RewardModel, pairs: pd.DataFrame) -> float:

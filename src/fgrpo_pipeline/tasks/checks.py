@@ -13,8 +13,6 @@ from collections.abc import Sequence
 import pandas as pd
 
 from fgrpo_pipeline.rollout.tables import ROLLOUT_COLUMNS
-from fgrpo_pipeline.safety.data import PAIR_COLUMNS, SAFETY_SPLITS
-from fgrpo_pipeline.tasks.sources import validate_prompts
 
 SIDE_COLUMNS = ("prompt", "completion")
 
@@ -105,12 +103,3 @@ def validate_aligned(df: pd.DataFrame, source: str) -> None:
 def validate_unaligned(df: pd.DataFrame, source: str) -> None:
     """The ``unaligned`` split (see :func:`_validate_split`)."""
     _validate_split(df, source, "unaligned")
-
-
-def validate_pairs(df: pd.DataFrame, source: str) -> None:
-    """Preference pairs: prompt, chosen and rejected strings, none blank."""
-    validate_text_columns(df, PAIR_COLUMNS, source, non_empty=PAIR_COLUMNS)
-
-
-def validate_safety_prompts(df: pd.DataFrame, source: str) -> None:
-    validate_prompts(df, source, splits=SAFETY_SPLITS)

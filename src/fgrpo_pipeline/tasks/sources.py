@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from fgrpo_pipeline.algorithms.params import ParameterError, Params, require, require_choice
 
 PROMPT_COLUMNS = ("id", "prompt", "ground_truth", "split")
 SPLITS = ("train", "test")
@@ -23,9 +26,55 @@ _GSM8K_FINAL = re.compile(r"####\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
 
 
 def _check_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+    require(
+        isinstance(value, int) and not isinstance(value, bool),
+        name,
+        f"must be an integer, got {value!r}",
+    )
     return value
+
+
+@dataclass
+class ArithmeticConfig(Params):
+    """The synthetic arithmetic problems (``data_preparation.arithmetic``)."""
+
+    BLOCK = "arithmetic"
+
+    n_train: int = 720
+    n_test: int = 180
+    operations: tuple[str, ...] = ("+", "-", "*")
+    operand_min: int = 0
+    operand_max: int = 29
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("n_train", "n_test"):
+            value = getattr(self, name)
+            require(value >= 0, name, f"must be >= 0, got {value}")
+        require(
+            self.operand_min <= self.operand_max,
+            "operand_min",
+            f"({self.operand_min}) must be <= operand_max ({self.operand_max})",
+        )
+        require(bool(self.operations), "operations", "must name at least one operation")
+        for op in self.operations:
+            require_choice(op, tuple(_OPERATIONS), "operations")
+        require(
+            len(set(self.operations)) == len(self.operations),
+            "operations",
+            f"has duplicates: {self.operations!r}",
+        )
+        require(
+            self.n_train + self.n_test <= self.n_distinct(),
+            "n_train + n_test",
+            f"= {self.n_train + self.n_test} exceeds the {self.n_distinct()} distinct problems "
+            f"for operations={self.operations!r}, operands in "
+            f"[{self.operand_min}, {self.operand_max}]",
+        )
+
+    def n_distinct(self) -> int:
+        """How many distinct ``(a, op, b)`` problems there are."""
+        return len(self.operations) * (self.operand_max - self.operand_min + 1) ** 2
 
 
 def make_arithmetic_prompts(
@@ -40,42 +89,32 @@ def make_arithmetic_prompts(
     """Seeded synthetic problems ``"{a}{op}{b}="`` with their integer answers.
 
     Distinct ``(a, op, b)`` triples are drawn without replacement, so no prompt appears in
-    both splits; the same arguments always give the same table.
+    both splits; the same arguments always give the same table. The arguments are checked
+    as :class:`ArithmeticConfig` checks them.
     """
-    for name, value in (("n_train", n_train), ("n_test", n_test)):
-        if _check_int(value, name) < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    _check_int(operand_min, "operand_min")
-    _check_int(operand_max, "operand_max")
-    _check_int(seed, "seed")
-    if operand_min > operand_max:
-        raise ValueError(f"operand_min ({operand_min}) must be <= operand_max ({operand_max})")
-    operations = tuple(operations)
-    if not operations:
-        raise ValueError("operations must name at least one operation")
-    for op in operations:
-        if op not in _OPERATIONS:
-            raise ValueError(
-                f"unknown operation {op!r} in operations; valid: {', '.join(_OPERATIONS)}"
-            )
-    if len(set(operations)) != len(operations):
-        raise ValueError(f"operations has duplicates: {operations!r}")
+    config = ArithmeticConfig(
+        n_train=n_train,
+        n_test=n_test,
+        operations=operations,
+        operand_min=operand_min,
+        operand_max=operand_max,
+        seed=seed,
+    )
+    return arithmetic_prompts(config)
 
-    n_operands = operand_max - operand_min + 1
-    n_distinct = len(operations) * n_operands**2
-    if n_train + n_test > n_distinct:
-        raise ValueError(
-            f"n_train + n_test = {n_train + n_test} exceeds the {n_distinct} distinct problems "
-            f"for operations={operations!r}, operands in [{operand_min}, {operand_max}]"
-        )
 
+def arithmetic_prompts(config: ArithmeticConfig) -> pd.DataFrame:
+    """The prompts table of :func:`make_arithmetic_prompts` for a checked ``config``."""
+    n_train, n_test, operations = config.n_train, config.n_test, config.operations
+    n_operands = config.operand_max - config.operand_min + 1
     # Sampling indices of the (op, a, b) grid keeps memory small and the draw deterministic.
-    picks = random.Random(seed).sample(range(n_distinct), n_train + n_test)
+    picks = random.Random(config.seed).sample(range(config.n_distinct()), n_train + n_test)
     rows = []
     for i, index in enumerate(picks):
         op_index, rest = divmod(index, n_operands**2)
         a_offset, b_offset = divmod(rest, n_operands)
-        op, a, b = operations[op_index], operand_min + a_offset, operand_min + b_offset
+        op = operations[op_index]
+        a, b = config.operand_min + a_offset, config.operand_min + b_offset
         split, number = ("train", i) if i < n_train else ("test", i - n_train)
         rows.append(
             {
@@ -142,12 +181,7 @@ def load_gsm8k(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if limit is not None and (_check_int(limit, "limit") < 0):
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    try:
-        prompt_template.format(question="")
-    except (KeyError, IndexError, ValueError, AttributeError) as error:
-        raise ValueError(
-            f"prompt_template must only use the field {{question}}: {prompt_template!r} ({error})"
-        ) from error
+    _check_template(prompt_template)
 
     if hub_name:
         records = hub_records(hub_name, hub_config, split)
@@ -182,6 +216,84 @@ def load_gsm8k(
     if limit is not None:
         rows = rows[:limit]
     return pd.DataFrame(rows, columns=[*PROMPT_COLUMNS, "solution"], dtype=object)
+
+
+def _check_template(prompt_template: str) -> None:
+    try:
+        prompt_template.format(question="")
+    except (KeyError, IndexError, ValueError, AttributeError) as error:
+        raise ParameterError(
+            "prompt_template",
+            f"must only use the field {{question}}: {prompt_template!r} ({error})",
+        ) from error
+
+
+@dataclass
+class GSM8KConfig(Params):
+    """GSM8K from jsonl files or the hub (``data_preparation.gsm8k``)."""
+
+    BLOCK = "gsm8k"
+
+    train_path: str | None = None
+    test_path: str | None = None
+    limit_train: int | None = None
+    limit_test: int | None = None
+    prompt_template: str = "{question}\nAnswer:"
+    hub_name: str | None = None
+    hub_config: str | None = "main"
+
+    def check(self) -> None:
+        for split in SPLITS:
+            limit = getattr(self, f"limit_{split}")
+            require(
+                limit is None or limit >= 0, f"limit_{split}", f"must be >= 0 or null, got {limit}"
+            )
+            require(
+                bool(self.hub_name or getattr(self, f"{split}_path")),
+                f"{split}_path",
+                "is not set: give a jsonl path, or hub_name",
+            )
+        _check_template(self.prompt_template)
+
+    def load(self) -> pd.DataFrame:
+        """Both splits' prompts tables, train first."""
+        return pd.concat(
+            [
+                load_gsm8k(
+                    getattr(self, f"{split}_path"),
+                    split=split,
+                    limit=getattr(self, f"limit_{split}"),
+                    prompt_template=self.prompt_template,
+                    hub_name=self.hub_name,
+                    hub_config=self.hub_config,
+                )
+                for split in SPLITS
+            ],
+            ignore_index=True,
+        )
+
+
+@dataclass
+class DataPreparationConfig(Params):
+    """Where the prompts table comes from (``data_preparation`` in
+    parameters_data_preparation.yml): the block named by ``source`` is the one used."""
+
+    BLOCK = "data_preparation"
+    SOURCES = ("arithmetic", "gsm8k")
+
+    source: str = "arithmetic"
+    arithmetic: ArithmeticConfig | None = None
+    gsm8k: GSM8KConfig | None = None
+
+    def check(self) -> None:
+        require_choice(self.source, self.SOURCES, "source")
+        require(getattr(self, self.source) is not None, self.source, "is missing")
+
+    def prompts(self) -> pd.DataFrame:
+        """The prompts table (id, prompt, ground_truth, split) of the selected source."""
+        if self.source == "arithmetic":
+            return arithmetic_prompts(self.arithmetic)
+        return self.gsm8k.load()
 
 
 def validate_prompts(df: pd.DataFrame, source: str, splits: tuple[str, ...] = SPLITS) -> None:

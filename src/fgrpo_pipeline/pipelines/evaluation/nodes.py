@@ -1,6 +1,6 @@
 """Nodes of ``evaluation``: base vs trained policy on the held-out split, and plots.
 
-Parameters: parameters_evaluation.yml.
+Parameters: parameters_evaluation.yml (:class:`EvaluationConfig`).
 """
 
 from __future__ import annotations
@@ -12,24 +12,16 @@ from matplotlib.figure import Figure
 
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
 from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.reporting.plots import training_curves
-
-RUN_KEYS = ("split",)
-
-
-def check_params(params: dict[str, Any]) -> EvaluationConfig:
-    try:
-        return EvaluationConfig(**{k: v for k, v in params.items() if k not in RUN_KEYS})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"parameters_evaluation.yml: {err}") from err
 
 
 def evaluate_base_and_trained(
     base_policy: Policy, trained_policy: Policy, prompts: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """``{"base": {...}, "trained": {...}, "change": {...}}`` and every sampled completion."""
-    config = check_params(params)
-    held_out = prompts[prompts["split"] == params.get("split", "test")]
+    config = read_params(EvaluationConfig, params)
+    held_out = prompts[prompts["split"] == config.split]
     if held_out.empty:
         raise ValueError("evaluation: the prompts table has no held-out rows")
     report: dict[str, Any] = {}

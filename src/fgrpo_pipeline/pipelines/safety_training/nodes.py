@@ -1,9 +1,10 @@
 """Nodes of ``safety_training``: one f-HAL run rewarded by the reward model, and its
 evaluation by the gold judge (ASR, over-refusal) and by latent separation.
 
-Parameters: parameters_safety_training.yml (the run, with the reward-hacking ``monitor``)
-and parameters_safety_evaluation.yml (the held-out evaluation). The gold judge never
-trains: it is the trainer's correctness measure and the evaluation's judge.
+Parameters: parameters_safety_training.yml (the run, with the reward-hacking ``monitor``:
+:class:`SafetyTrainingParams`) and parameters_safety_evaluation.yml (the held-out evaluation:
+:class:`SafetyEvaluationParams`). The gold judge never trains: it is the trainer's
+correctness measure and the evaluation's judge.
 """
 
 from __future__ import annotations
@@ -14,43 +15,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fgrpo_pipeline.experiments.safety_sweep import Anchors, evaluate_safety
-from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
 from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.pipelines.parameters import read_params
+from fgrpo_pipeline.pipelines.safety_training.params import (
+    SafetyEvaluationParams,
+    SafetyTrainingParams,
+)
 from fgrpo_pipeline.reporting.plots import latent_scatter, reward_hacking_curves
-from fgrpo_pipeline.safety.judge import GoldJudge, RewardHackingMonitor
 from fgrpo_pipeline.safety.latent import latent_projection
 from fgrpo_pipeline.safety.reward_model import RewardModel, reward_model_reward
-from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
 from fgrpo_pipeline.training.loop import train
 from fgrpo_pipeline.training.preferences import preferences_from_splits
-
-FILE = "parameters_safety_training.yml"
-EVALUATION_FILE = "parameters_safety_evaluation.yml"
-MONITOR_KEY, JUDGE_KEY = "monitor", "judge"  # beside the trainer's keys, not its own
-
-
-def check_params(params: dict[str, Any]) -> tuple[TrainerConfig, dict[str, Any], GoldJudge]:
-    """The run's trainer configuration, the monitor's options and the gold judge, checked."""
-    try:
-        check_run_params(params)
-        monitor = dict(params.get(MONITOR_KEY) or {})
-        RewardHackingMonitor(**monitor)
-        judge = GoldJudge.from_params(params.get(JUDGE_KEY))
-        config = TrainerConfig.from_params(
-            {k: v for k, v in params.items() if k not in (*RUN_KEYS, MONITOR_KEY, JUDGE_KEY)}
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{FILE}: {err}") from err
-    return config, monitor, judge
-
-
-def check_evaluation_params(params: dict[str, Any]) -> tuple[EvaluationConfig, GoldJudge]:
-    try:
-        judge = GoldJudge.from_params(params.get(JUDGE_KEY))
-        config = EvaluationConfig(**{k: v for k, v in params.items() if k != JUDGE_KEY})
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{EVALUATION_FILE}: {err}") from err
-    return config, judge
 
 
 def train_safety_policy(
@@ -62,17 +37,17 @@ def train_safety_policy(
     params: dict[str, Any],
 ) -> tuple[Policy, pd.DataFrame, pd.DataFrame]:
     """(trained policy, per-step metrics with the monitor's columns, logged completions)."""
-    config, monitor, judge = check_params(params)
+    run = read_params(SafetyTrainingParams, params)
     result = train(
         base_policy,
         prompts[prompts["split"] == "train"],
-        config,
+        run.config,
         preferences=preferences_from_splits(aligned, unaligned),
-        progress=params.get("progress", True),
-        resume_dir=params.get("resume_dir"),
+        progress=run.progress,
+        resume_dir=run.resume_dir,
         reward_fn=reward_model_reward(reward_model),
-        correctness_fn=judge,
-        monitors=[RewardHackingMonitor(**monitor)],
+        correctness_fn=run.judge,
+        monitors=[run.monitor.build()],
     )
     return result.policy, result.metrics, result.completions
 
@@ -85,7 +60,7 @@ def evaluate_safety_policies(
     params: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
     """(``{"base", "trained", "change"}`` report, sampled completions, anchor projections)."""
-    config, judge = check_evaluation_params(params)
+    evaluation = read_params(SafetyEvaluationParams, params)
     test = prompts[prompts["split"] == "test"]
     anchors = Anchors.from_prompts(prompts[prompts["split"] == "anchor"])
     reward_fn = reward_model_reward(reward_model)
@@ -93,7 +68,7 @@ def evaluate_safety_policies(
     samples, hidden = [], {}
     for name, policy in (("base", base_policy), ("trained", trained_policy)):
         metrics, rows, hidden[name] = evaluate_safety(
-            policy, base_policy, test, anchors, config, reward_fn, judge
+            policy, base_policy, test, anchors, evaluation.config, reward_fn, evaluation.judge
         )
         report[name] = metrics
         samples.append(rows.assign(policy=name))
