@@ -1,5 +1,6 @@
 """Shared test setup: offline, quiet and thread-limited (2-core machines run tests too)."""
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -25,6 +26,14 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     Being the working directory keeps relative stores (``sqlite:///mlflow.db``) inside it.
     """
+    with scratch_project(tmp_path, monkeypatch) as project:
+        yield project
+
+
+@contextlib.contextmanager
+def scratch_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """:func:`project_copy` for any scope (a module's fixture passes its own folder and
+    ``pytest.MonkeyPatch.context()``)."""
     monkeypatch.chdir(tmp_path)
     # kedro-mlflow's hook is a process-wide singleton that remembers the last run id; a CLI
     # run is one process, but tests run many sessions in one.

@@ -70,5 +70,10 @@ def test_invalid_parameter_stops_the_run_before_any_work(project_copy):
             "__default__",
             {"training": {**SMALL_RUN["training"], "divergence": "chi2"}},
         )
-    # nothing ran: not even the first pipeline's output exists
+    # nothing ran: not even the first pipeline's output exists, and no MLflow run was opened
     assert not (project_copy / "data/03_primary/prompts.parquet").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project_copy}/mlflow.db")
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    mlflow.set_tracking_uri(None)

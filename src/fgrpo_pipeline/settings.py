@@ -86,9 +86,18 @@ filter_third_party_warnings()
 
 # Imported after the filters on purpose: these imports load MLflow and kedro-mlflow.
 from fgrpo_pipeline.hooks import ParameterValidationHook  # noqa: E402
-from fgrpo_pipeline.tracking import MlflowArtifactHook, MlflowAvailabilityHook  # noqa: E402
+from fgrpo_pipeline.tracking import (  # noqa: E402
+    MlflowArtifactHook,
+    MlflowAvailabilityHook,
+    MlflowModelHook,
+)
 
-HOOKS = (MlflowAvailabilityHook(), ParameterValidationHook(), MlflowArtifactHook())
+HOOKS = (
+    MlflowAvailabilityHook(),
+    ParameterValidationHook(),
+    MlflowArtifactHook(),
+    MlflowModelHook(),
+)
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

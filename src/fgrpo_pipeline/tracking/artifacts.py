@@ -38,7 +38,7 @@ import pandas as pd
 from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
 from kedro.io import AbstractVersionedDataset
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,10 @@ def metric_name(name: str) -> str:
 
 
 def local_path(dataset: Any) -> Path | None:
-    """The local file or folder a dataset saved to (its latest version), or None."""
+    """The local file or folder a dataset saved to (its latest version), or None (also for
+    kedro-mlflow's datasets, which log to MLflow themselves)."""
+    if any(cls.__module__.startswith("kedro_mlflow.") for cls in type(dataset).__mro__):
+        return None
     if isinstance(dataset, AbstractVersionedDataset):
         path = dataset._get_load_path()  # after a save: the version just written
     else:
@@ -116,38 +119,6 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-class ChildRuns:
-    """Nested MLflow runs of a sweep, one per key (e.g. ``(method, seed)``), under the
-    active run: parameters and tags at the start; per-step metrics and final values at
-    the end; FAILED when an error leaves one open."""
-
-    def __init__(self) -> None:
-        self.run_ids: dict[Any, str] = {}
-
-    def start(self, key: Any, name: str, tags: Mapping[str, str], params: Mapping) -> None:
-        run = mlflow.start_run(run_name=name, nested=True, tags=dict(tags))
-        self.run_ids[key] = run.info.run_id
-        mlflow.log_params({k: str(v) for k, v in flatten_params(params).items()})
-
-    def end(self, key: Any, metrics: pd.DataFrame, values: Mapping[str, float]) -> None:
-        log_step_metrics(metrics, run_id=self.run_ids[key])
-        mlflow.log_metrics({metric_name(k): float(v) for k, v in values.items() if _finite(v)})
-        mlflow.end_run()
-
-    def fail(self) -> None:
-        """End a child run left open by an error (the parent stays active)."""
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id in self.run_ids.values():
-            mlflow.end_run(status=RunStatus.to_string(RunStatus.FAILED))
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def log_completion_tables(completions: pd.DataFrame, directory: str) -> int:

@@ -1,7 +1,8 @@
 """Nodes of ``training``: the online f-GRPO / f-HAL / FDO / GRPO / DPO loop.
 
-Parameters: parameters_training.yml. The aligned / unaligned splits of ``reward_labeling``
-are the off-policy preference data that FDO and f-HAL draw their minibatches from.
+Parameters: parameters_training.yml (:class:`TrainingParams`). The aligned / unaligned
+splits of ``reward_labeling`` are the off-policy preference data that FDO and f-HAL draw
+their minibatches from.
 """
 
 from __future__ import annotations
@@ -12,22 +13,10 @@ import pandas as pd
 
 from fgrpo_pipeline.models.lora import merge_for_export
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.training.config import RUN_KEYS, TrainerConfig, check_run_params
+from fgrpo_pipeline.pipelines.parameters import read_params
+from fgrpo_pipeline.pipelines.training.params import TrainingParams
 from fgrpo_pipeline.training.loop import train
 from fgrpo_pipeline.training.preferences import preferences_from_splits
-
-
-def check_params(params: dict[str, Any]) -> TrainerConfig:
-    """The training config; also checked against the processes the run is launched in
-    (``prompts_per_step`` divisible across them, mixed precision), so a multi-process run
-    (``python -m fgrpo_pipeline.launch kedro``) fails before any node runs."""
-    try:
-        check_run_params(params)
-        config = TrainerConfig.from_params({k: v for k, v in params.items() if k not in RUN_KEYS})
-        config.check_launch()
-        return config
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"parameters_training.yml: {err}") from err
 
 
 def train_policy(
@@ -36,22 +25,24 @@ def train_policy(
     aligned: pd.DataFrame,
     unaligned: pd.DataFrame,
     params: dict[str, Any],
-) -> tuple[Policy, pd.DataFrame, pd.DataFrame, dict[str, Policy]]:
-    """(trained policy, per-step metrics, logged completions, checkpoints by step)."""
-    config = check_params(params)
+) -> tuple[Policy, pd.DataFrame, pd.DataFrame, dict[str, Policy], Policy]:
+    """(trained policy, per-step metrics, logged completions, checkpoints by step, and the
+    trained policy as it trained — LoRA: the adapter on its base — for the MLflow Model)."""
+    run = read_params(TrainingParams, params)
     preferences = preferences_from_splits(aligned, unaligned)
     train_prompts = prompts[prompts["split"] == "train"]
     result = train(
         policy,
         train_prompts,
-        config,
+        run.config,
         preferences=preferences,
-        progress=params.get("progress", True),
-        resume_dir=params.get("resume_dir"),
+        progress=run.progress,
+        resume_dir=run.resume_dir,
     )
     # A LoRA policy is saved merged, so any transformers loader reads it back; keep adapters
     # alone with an AdapterDataset entry instead (see README, "Real models").
     checkpoints = {
         f"step_{step:06d}": merge_for_export(ckpt) for step, ckpt in result.checkpoints.items()
     }
-    return merge_for_export(result.policy), result.metrics, result.completions, checkpoints
+    merged = merge_for_export(result.policy)
+    return merged, result.metrics, result.completions, checkpoints, result.policy

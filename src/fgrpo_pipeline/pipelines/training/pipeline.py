@@ -14,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "training_metrics",
                     "training_completions",
                     "training_checkpoints",
+                    "trained_policy_model",  # an MLflow Model, logged and registered
                 ],
                 name="train_policy_node",
             )
