@@ -8,13 +8,13 @@ import logging
 from kedro.framework.hooks import hook_impl
 
 from fgrpo_pipeline.algorithms.labeling import LabelingConfig
+from fgrpo_pipeline.experiments.divergence_sweep import DivergenceSweepParams
+from fgrpo_pipeline.experiments.safety_sweep import SafetySweepParams
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
 from fgrpo_pipeline.pipelines.base_policy.params import BasePolicyConfig
-from fgrpo_pipeline.pipelines.comparison.nodes import check_params as check_comparison
 from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.pipelines.rollout_generation.nodes import RolloutGenerationConfig
 from fgrpo_pipeline.pipelines.safety_base_policy.nodes import SafetyBasePolicyConfig
-from fgrpo_pipeline.pipelines.safety_comparison.nodes import check_params as check_safety_sweep
 from fgrpo_pipeline.pipelines.safety_training.params import (
     SafetyEvaluationParams,
     SafetyTrainingParams,
@@ -65,11 +65,8 @@ PARAMETER_CLASSES = {
     "safety_base_policy": SafetyBasePolicyConfig,
     "safety_training": SafetyTrainingParams,
     "safety_evaluation": SafetyEvaluationParams,
-}
-# The sweeps' blocks, checked by their pipelines' own functions (errors name the file).
-CHECKS = {
-    "comparison": check_comparison,
-    "safety_comparison": check_safety_sweep,
+    "comparison": DivergenceSweepParams,
+    "safety_comparison": SafetySweepParams,
 }
 
 
@@ -86,14 +83,11 @@ class ParameterValidationHook:
             if name.startswith("params:")
         }
         params = catalog.load("parameters")
-        checked = sorted(needed & (PARAMETER_CLASSES.keys() | CHECKS.keys()))
+        checked = sorted(needed & PARAMETER_CLASSES.keys())
         for key in checked:
             if key not in params:
                 raise ValueError(f"parameters_{key}.yml: the '{key}' block is missing")
-            if key in PARAMETER_CLASSES:
-                read_params(PARAMETER_CLASSES[key], params[key])
-            else:
-                CHECKS[key](params[key])
+            read_params(PARAMETER_CLASSES[key], params[key])
         logger.info("parameters checked: %s", ", ".join(checked))
         check_inputs(pipeline, catalog)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
@@ -27,6 +27,7 @@ from fgrpo_pipeline.experiments.sweep import (
     Arm,
     ArmResult,
     OnArm,
+    SweepParams,
     Training,
     check_distinct,
     check_prompts,
@@ -80,6 +81,30 @@ def method_loss(method: str) -> tuple[str, str | None]:
     if method in divergence_names():
         return "f_grpo", method
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(method_names())}")
+
+
+@dataclass
+class DivergenceSweepParams(SweepParams):
+    """The ``comparison`` block (parameters_comparison.yml): the methods (divergence names
+    and/or ``grpo``) × ``seeds``, the training overrides of every run, threads, progress."""
+
+    BLOCK: ClassVar[str] = "comparison"
+    SWEPT: ClassVar[tuple[str, ...]] = SWEPT_KEYS
+    SWEPT_BY: ClassVar[str] = (
+        "the sweep sets loss and divergence from `methods` and the seed from `seeds`"
+    )
+
+    methods: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    training_overrides: dict = field(default_factory=dict)
+    num_threads: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        try:
+            check_methods_and_seeds(self.methods, self.seeds)
+        except ValueError as err:
+            raise ValueError(f"{err} (methods: {', '.join(method_names())})") from None
 
 
 def check_methods_and_seeds(methods: Sequence[str], seeds: Sequence[int]) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pandas as pd
 import torch
@@ -25,6 +25,7 @@ from fgrpo_pipeline.experiments.sweep import (
     Arm,
     ArmResult,
     OnArm,
+    SweepParams,
     Training,
     check_distinct,
     check_prompts,
@@ -84,6 +85,27 @@ def lam_label(lam: float | str) -> str:
 def _check_lam(lam: Any) -> None:
     if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= 1:
         raise ValueError(f"every λ in lams must be a number in [0, 1], got {lam!r}")
+
+
+@dataclass
+class SafetySweepParams(SweepParams):
+    """The ``safety_comparison`` block (parameters_safety_comparison.yml): the λ values ×
+    ``seeds`` of f-HAL, the training overrides of every run, threads, progress."""
+
+    BLOCK: ClassVar[str] = "safety_comparison"
+    SWEPT: ClassVar[tuple[str, ...]] = SWEPT_KEYS
+    SWEPT_BY: ClassVar[str] = (
+        "the sweep sets the loss (f_hal), λ from `lams` and the seed from `seeds`"
+    )
+
+    lams: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    training_overrides: dict = field(default_factory=dict)
+    num_threads: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        check_lams_and_seeds(self.lams, self.seeds)
 
 
 def check_lams_and_seeds(lams: Sequence[float], seeds: Sequence[int]) -> None:

@@ -19,13 +19,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from fgrpo_pipeline.algorithms.losses import LOSS_OPTIONS, LossConfig
+from fgrpo_pipeline.algorithms.params import Params, mapping_of
 from fgrpo_pipeline.algorithms.rewards import RewardFn
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.training.config import RUN_KEYS, StepMonitor, TrainerConfig
@@ -170,6 +171,26 @@ def check_sweep_options(
         raise ValueError(f"num_threads must be an integer ≥ 0, got {threads!r}")
     if not isinstance(params.get("progress", True), bool):
         raise ValueError(f"progress must be true or false, got {params['progress']!r}")
+
+
+@dataclass
+class SweepParams(Params):
+    """Base of a sweep's parameter block: the subclass declares its arms field, ``seeds``,
+    ``training_overrides``, ``num_threads`` and ``progress`` (in the order messages list
+    them), ``SWEPT`` (the training keys the sweep sets per run) and ``SWEPT_BY`` (what sets
+    them). :func:`check_sweep_options` checks what every sweep shares; the subclass's
+    ``check`` its arms and seeds."""
+
+    SWEPT: ClassVar[tuple[str, ...]] = ()
+    SWEPT_BY: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None, *, where: str = ""):
+        values = mapping_of(params, where or cls.BLOCK)
+        check_sweep_options(
+            values, block=cls.BLOCK, keys=cls.param_names(), swept=cls.SWEPT, swept_by=cls.SWEPT_BY
+        )
+        return super().from_params(values, where=where)
 
 
 def merge_training_params(params: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,12 +24,14 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import mlflow
 import pandas as pd
 from kedro.framework.hooks import hook_impl
+from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.tracking import MlflowClient
 
 from fgrpo_pipeline.tracking.artifacts import _warn_on_failure, git_commit
@@ -116,8 +118,13 @@ class MlflowModelHook:
             data = data[train if context == "training" else ~train]
         dataset = self._catalog.get(dataset_name) if self._catalog else None
         path = getattr(dataset, "_filepath", None)
-        dataset = mlflow.data.from_pandas(data, source=str(path or dataset_name), name=dataset_name)
-        mlflow.log_input(dataset, context=context)
+        with warnings.catch_warnings():
+            # MLflow's hint that integer columns cannot hold missing values is about model
+            # signatures, not about a dataset input
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            source = LocalArtifactDatasetSource(str(path or dataset_name))
+            dataset = mlflow.data.from_pandas(data, source=source, name=dataset_name)
+            mlflow.log_input(dataset, context=context)
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:

@@ -18,24 +18,22 @@ from matplotlib.figure import Figure
 
 from fgrpo_pipeline.experiments.divergence_sweep import (
     HELD_OUT,
-    SWEPT_KEYS,
-    check_methods_and_seeds,
+    DivergenceSweepParams,
     evaluation_config,
     method_arm,
     method_loss,
-    method_names,
     run_comparison,
 )
 from fgrpo_pipeline.experiments.sweep import (
     SWEEP_KEYS,
     Arm,
     ArmResult,
-    check_sweep_options,
     merge_training_params,
     plan_sweep,
 )
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.comparison.tracking import ChildRun, child_runs, log_parent_metrics
+from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.reporting.plots import comparison_curves
 from fgrpo_pipeline.training.preferences import preferences_from_splits
 
@@ -46,19 +44,9 @@ FINALS = ("train_reward_final", "train_accuracy_final")
 SUMMARY = ("relative_overall", "avg_rank", "accuracy_mean", "greedy_accuracy_mean")
 
 
-def check_params(params: Mapping[str, Any]) -> None:
+def check_params(params: Mapping[str, Any]) -> DivergenceSweepParams:
     """The ``comparison`` block on its own: keys, methods, seeds, overrides, threads."""
-    try:
-        check_sweep_options(
-            params,
-            block="comparison",
-            keys=KEYS,
-            swept=SWEPT_KEYS,
-            swept_by="the sweep sets loss and divergence from `methods` and the seed from `seeds`",
-        )
-        check_methods_and_seeds(params.get("methods"), params.get("seeds"))
-    except ValueError as err:
-        raise ValueError(f"{FILE}: {err} (methods: {', '.join(method_names())})") from err
+    return read_params(DivergenceSweepParams, params)
 
 
 def sweep_training_params(params: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:

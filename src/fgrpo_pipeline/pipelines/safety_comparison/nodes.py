@@ -20,9 +20,8 @@ from matplotlib.figure import Figure
 from fgrpo_pipeline.experiments.safety_sweep import (
     LOSS,
     METRICS,
-    SWEPT_KEYS,
     Anchors,
-    check_lams_and_seeds,
+    SafetySweepParams,
     lam_arm,
     lam_label,
     run_safety_comparison,
@@ -33,12 +32,12 @@ from fgrpo_pipeline.experiments.sweep import (
     SWEEP_KEYS,
     Arm,
     ArmResult,
-    check_sweep_options,
     merge_training_params,
     plan_sweep,
 )
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.comparison.tracking import ChildRun, child_runs, log_parent_metrics
+from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.reporting.plots import comparison_curves, latent_scatter, safety_comparison_bars
 from fgrpo_pipeline.safety.judge import GoldJudge
 from fgrpo_pipeline.safety.latent import latent_projection
@@ -56,19 +55,9 @@ CURVE_PANELS = (
 )
 
 
-def check_params(params: Mapping[str, Any]) -> None:
+def check_params(params: Mapping[str, Any]) -> SafetySweepParams:
     """The ``safety_comparison`` block on its own: keys, λ, seeds, overrides, threads."""
-    try:
-        check_sweep_options(
-            params,
-            block="safety_comparison",
-            keys=KEYS,
-            swept=SWEPT_KEYS,
-            swept_by="the sweep sets the loss (f_hal), λ from `lams` and the seed from `seeds`",
-        )
-        check_lams_and_seeds(params.get("lams"), params.get("seeds"))
-    except ValueError as err:
-        raise ValueError(f"{FILE}: {err}") from err
+    return read_params(SafetySweepParams, params)
 
 
 def sweep_training_params(
