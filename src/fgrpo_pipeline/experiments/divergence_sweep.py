@@ -95,10 +95,6 @@ class DivergenceSweepParams(SweepParams):
     )
 
     methods: list = field(default_factory=list)
-    seeds: list = field(default_factory=list)
-    training_overrides: dict = field(default_factory=dict)
-    num_threads: int = 0
-    progress: bool = True
 
     def check(self) -> None:
         try:

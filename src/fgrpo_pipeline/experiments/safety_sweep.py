@@ -99,10 +99,6 @@ class SafetySweepParams(SweepParams):
     )
 
     lams: list = field(default_factory=list)
-    seeds: list = field(default_factory=list)
-    training_overrides: dict = field(default_factory=dict)
-    num_threads: int = 0
-    progress: bool = True
 
     def check(self) -> None:
         check_lams_and_seeds(self.lams, self.seeds)

@@ -175,14 +175,19 @@ def check_sweep_options(
 
 @dataclass
 class SweepParams(Params):
-    """Base of a sweep's parameter block: the subclass declares its arms field, ``seeds``,
-    ``training_overrides``, ``num_threads`` and ``progress`` (in the order messages list
-    them), ``SWEPT`` (the training keys the sweep sets per run) and ``SWEPT_BY`` (what sets
-    them). :func:`check_sweep_options` checks what every sweep shares; the subclass's
+    """Base of a sweep's parameter block: the training seeds, the overrides every run's
+    training parameters get, torch threads and progress bars. The subclass adds its arms
+    field, ``SWEPT`` (the training keys the sweep sets per run) and ``SWEPT_BY`` (what sets
+    them); :func:`check_sweep_options` checks what every sweep shares, the subclass's
     ``check`` its arms and seeds."""
 
     SWEPT: ClassVar[tuple[str, ...]] = ()
     SWEPT_BY: ClassVar[str] = ""
+
+    seeds: list = field(default_factory=list)
+    training_overrides: dict = field(default_factory=dict)
+    num_threads: int = 0
+    progress: bool = True
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None, *, where: str = ""):
