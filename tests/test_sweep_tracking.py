@@ -90,3 +90,22 @@ def test_without_an_active_run_mlflow_is_not_touched(monkeypatch):
     monkeypatch.setattr(mlflow, "log_metrics", forbidden)
     assert child_runs(describe) is None
     log_parent_metrics({"comparison/kl/score": 0.5})
+
+
+def test_an_arm_with_its_policy_logs_it_as_a_model_of_its_child_run(store):
+    from fgrpo_pipeline.models.policy import build_char_tokenizer, build_tiny_policy
+
+    result = finished_run(seed=2)
+    result.policy = build_tiny_policy(build_char_tokenizer(), hidden_size=32, intermediate_size=64)
+    with mlflow.start_run() as parent:
+        child_runs(describe)(ARM, 2, result)
+        assert mlflow.active_run().info.run_id == parent.info.run_id
+    (child,) = children(store, parent)
+    assert child.info.status == "FINISHED"
+    (model,) = mlflow.search_logged_models(
+        experiment_ids=[parent.info.experiment_id], output_format="list"
+    )
+    assert model.source_run_id == child.info.run_id
+    assert store.search_registered_models() == []  # logged, not registered
+    out = mlflow.pyfunc.load_model(model.model_uri).predict(["1+2="])
+    assert len(out) == 1 and isinstance(out[0], str)

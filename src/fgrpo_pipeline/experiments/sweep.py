@@ -95,6 +95,8 @@ class ArmResult(Generic[E]):
     eval_time: float
     started: float
     row: dict[str, Any] = field(default_factory=dict)
+    # the trained policy, for ``on_arm`` alone (e.g. to log it as a model); dropped after it
+    policy: Policy | None = field(default=None, repr=False, compare=False)
 
     @property
     def wall_time(self) -> float:
@@ -292,11 +294,12 @@ def run_sweep(
 ) -> SweepResult[E]:
     """Run ``plan`` from ``base_policy``; see the module doc.
 
-    ``evaluate(policy)`` measures the base policy once, then every trained policy (which is
-    not kept). ``row(result)`` makes a run's table row (``result.row``); ``describe`` of an
-    evaluation is logged. ``on_start(arm, seed, config)`` is called before a run trains,
-    ``on_arm(arm, seed, result)`` once it is evaluated. ``progress`` shows a bar over runs
-    (with an ETA) and, if the training parameters' ``progress`` allows, one per run.
+    ``evaluate(policy)`` measures the base policy once, then every trained policy (which is kept
+    only until ``on_arm`` has seen it). ``row(result)`` makes a run's table row
+    (``result.row``); ``describe`` of an evaluation is logged. ``on_start(arm, seed, config)``
+    is called before a run trains, ``on_arm(arm, seed, result)`` once it is evaluated.
+    ``progress`` shows a bar over runs (with an ETA) and, if the training parameters'
+    ``progress`` allows, one per run.
     """
     if plan.num_threads:
         torch.set_num_threads(plan.num_threads)
@@ -324,6 +327,7 @@ def run_sweep(
         )
         if on_arm is not None:
             on_arm(run.arm, run.seed, result)
+        result.policy = None  # A × S trained copies would add up
     bar.close()
     return SweepResult(base, results)
 
@@ -351,7 +355,7 @@ def _train_and_evaluate(
     training: Training,
     progress: bool,
 ) -> ArmResult[E]:
-    """One run; the trained policy is dropped on return (A × S copies add up)."""
+    """One run; its trained policy rides on the result until ``on_arm`` has seen it."""
     started, t0 = time.time(), time.perf_counter()
     trained = train(
         base_policy,
@@ -367,5 +371,13 @@ def _train_and_evaluate(
     evaluation = evaluate(trained.policy)
     t2 = time.perf_counter()
     return ArmResult(
-        run.arm, run.seed, run.config, trained.metrics, evaluation, t1 - t0, t2 - t1, started
+        run.arm,
+        run.seed,
+        run.config,
+        trained.metrics,
+        evaluation,
+        t1 - t0,
+        t2 - t1,
+        started,
+        policy=trained.policy,
     )

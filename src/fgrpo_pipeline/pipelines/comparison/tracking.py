@@ -5,7 +5,8 @@ imports MLflow, it reports each finished run to the ``on_arm`` callback made her
 With an active MLflow run (kedro-mlflow's), every (arm, seed) becomes a nested child run
 of it, created once the run is evaluated but dated from the start of its training to the
 end of its evaluation: its tags and parameters, its per-step training metrics
-(``train/…``, with ``step=``) and its final values. Without an active run nothing here
+(``train/…``, with ``step=``), its final values, and its trained policy as an MLflow Model
+(logged, not registered). Without an active run nothing here
 touches MLflow.
 """
 
@@ -23,11 +24,19 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from fgrpo_pipeline.datasets import MlflowPolicyDataset
 from fgrpo_pipeline.experiments.sweep import Arm, ArmResult, OnArm
 from fgrpo_pipeline.tracking import flatten_params, log_step_metrics, metric_name
 
 # MLflow's limits per log_batch call
 MAX_PARAMS, MAX_METRICS = 100, 1000
+# how each arm's policy is logged (as the training pipeline's catalog entry, unregistered)
+ARM_MODEL_ARGS = {
+    "name": "trained_policy",
+    "task": "text-generation",
+    "pip_requirements": ["torch", "transformers", "accelerate"],
+    "model_config": {"do_sample": False, "return_full_text": False},
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,14 @@ def child_runs(describe: Describe) -> OnArm | None:
     return on_arm
 
 
+def log_arm_model(run_id: str, result: ArmResult) -> None:
+    """The arm's trained policy as an MLflow Model of its child run (the transformers
+    flavour, as the training pipeline logs its policy), not registered: a sweep's A × S
+    policies are for comparing, the registry holds the policies a run trains for use."""
+    with mlflow.start_run(run_id=run_id, nested=True):
+        MlflowPolicyDataset(save_args=ARM_MODEL_ARGS).save(result.policy)
+
+
 def log_child_run(parent: Any, child: ChildRun, result: ArmResult) -> str:
     """One finished run as a FINISHED child of ``parent`` (a run's info), dated by the
     run's start and wall time; FAILED if logging breaks off. Returns its run id."""
@@ -77,6 +94,8 @@ def log_child_run(parent: Any, child: ChildRun, result: ArmResult) -> str:
         ]
         for i in range(0, len(values), MAX_METRICS):
             client.log_batch(run_id, metrics=values[i : i + MAX_METRICS])
+        if result.policy is not None:
+            log_arm_model(run_id, result)
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
