@@ -60,6 +60,9 @@ def scratch_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+    # kedro-mlflow sets the registry URI (and MLFLOW_REGISTRY_URI, which outlives the session)
+    mlflow.set_registry_uri(None)
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 # Addition of one-digit numbers: a format and a skill the warm-up half-learns in seconds.

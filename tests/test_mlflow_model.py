@@ -38,6 +38,7 @@ def trained(tmp_path_factory):
 
 
 def _client(uri):
+    """The module's store as tracking and registry (``models:/`` URIs resolve there)."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

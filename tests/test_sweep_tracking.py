@@ -106,6 +106,9 @@ def test_an_arm_with_its_policy_logs_it_as_a_model_of_its_child_run(store):
         experiment_ids=[parent.info.experiment_id], output_format="list"
     )
     assert model.source_run_id == child.info.run_id
-    assert store.search_registered_models() == []  # logged, not registered
+    registry = MlflowClient(
+        tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_tracking_uri()
+    )
+    assert registry.search_registered_models() == []  # logged, not registered
     out = mlflow.pyfunc.load_model(model.model_uri).predict(["1+2="])
     assert len(out) == 1 and isinstance(out[0], str)
