@@ -25,6 +25,7 @@ from fgrpo_pipeline.models.lora import (
 )
 from fgrpo_pipeline.models.policy import Policy, build_char_tokenizer, build_tiny_policy
 from fgrpo_pipeline.rollout import HFEngine, SamplingConfig, batch_logprobs, token_logprobs
+from fgrpo_pipeline.training.preferences import encode_completions
 
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1}
 TINY["intermediate_size"] = 64
@@ -43,16 +44,7 @@ def _policy(tokenizer, seed: int = 0) -> Policy:
 
 
 def _encode(tokenizer):
-    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
-    eos = [tokenizer.eos_token_id]
-    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + eos for c in COMPLETIONS]
-    width = max(len(row) for row in ids)
-    completion_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
-    completion_mask = torch.zeros(len(ids), width)
-    for i, row in enumerate(ids):
-        completion_ids[i, : len(row)] = torch.tensor(row)
-        completion_mask[i, : len(row)] = 1.0
-    return enc["input_ids"], enc["attention_mask"].float(), completion_ids, completion_mask
+    return encode_completions(tokenizer, PROMPTS, COMPLETIONS)
 
 
 def _logps(model, tokenizer) -> torch.Tensor:

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "grpo"
 SWEPT_KEYS = ("loss", "divergence", "seed")  # set per run by the sweep
-EVALUATION_RUN_KEYS = ("split",)  # beside EvaluationConfig's keys in the evaluation block
 # summary column -> key of the evaluation metrics: the "benchmarks" of Relative Overall
 BENCHMARKS = {"accuracy_mean": "sampled_accuracy", "greedy_accuracy_mean": "greedy_accuracy"}
 HELD_OUT = ("sampled_accuracy", "greedy_accuracy", "mean_reward", "kl_to_ref", "completion_length")
@@ -110,16 +109,11 @@ def check_methods_and_seeds(methods: Sequence[str], seeds: Sequence[int]) -> Non
 
 
 def method_arm(method: str) -> Arm:
-    """The arm of a method: loss ``f_grpo`` with that divergence, or ``grpo`` (whose
-    divergence parameter is left as the training parameters have it)."""
+    """The arm of a method: loss ``f_grpo`` with that divergence, or ``grpo`` (which takes
+    no divergence: :meth:`Arm.params` drops the training parameters' one)."""
     loss, divergence = method_loss(method)
     overrides = {"loss": loss} if divergence is None else {"loss": loss, "divergence": divergence}
     return Arm(method, overrides)
-
-
-def evaluation_config(params: Mapping[str, Any]) -> EvaluationConfig:
-    """The evaluation block (parameters_evaluation.yml) without its run keys (``split``)."""
-    return EvaluationConfig(**{k: v for k, v in params.items() if k not in EVALUATION_RUN_KEYS})
 
 
 @dataclass

@@ -18,7 +18,7 @@ interval: 84 %, 87 %, 92 %; tests/test_statistics.py checks it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,15 +185,3 @@ def verdict(interval: Interval, above: str, below: str, *, tie: str = "no differ
     if not interval.excludes_zero():
         return tie
     return above if interval.low > 0 else below
-
-
-def per_seed_matrix(
-    runs: pd.DataFrame, arms: Sequence[str], columns: Sequence[str], *, arm: str = "method"
-) -> tuple[np.ndarray, list[int]]:
-    """[seeds, arms, columns] of the seeds every arm ran, and those seeds."""
-    tables: Mapping[str, pd.DataFrame] = {
-        name: rows.set_index("seed") for name, rows in runs.groupby(arm, sort=False)
-    }
-    seeds = sorted(set.intersection(*(set(tables[a].index) for a in arms)))
-    cube = np.stack([tables[a].loc[seeds, list(columns)].to_numpy(float) for a in arms], axis=1)
-    return cube, seeds

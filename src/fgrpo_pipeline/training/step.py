@@ -273,7 +273,7 @@ class TermGradients:
         total = _flat([p.grad for p in self.params], self.params)
         norms = {}
         for name, flat in self.rest.items():
-            flat = runtime.mean(flat) if runtime.num_processes > 1 else flat
+            flat = runtime.mean(flat)  # the ranks' average, as DDP averages the total
             total = total - flat
             norms[name] = flat.norm().item()
         norms[self.first] = total.norm().item()

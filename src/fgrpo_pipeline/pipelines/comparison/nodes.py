@@ -19,7 +19,6 @@ from matplotlib.figure import Figure
 from fgrpo_pipeline.experiments.divergence_sweep import (
     HELD_OUT,
     DivergenceSweepParams,
-    evaluation_config,
     method_arm,
     method_loss,
     run_comparison,
@@ -31,6 +30,7 @@ from fgrpo_pipeline.experiments.sweep import (
     merge_training_params,
     plan_sweep,
 )
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.comparison.tracking import ChildRun, child_runs, log_parent_metrics
 from fgrpo_pipeline.pipelines.parameters import read_params
@@ -86,14 +86,11 @@ def compare_divergences(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(per-method summary, one row per method × seed, per-step curves, base policy report)."""
     training_params = sweep_training_params(params, training)
-    try:
-        config = evaluation_config(evaluation)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"parameters_evaluation.yml: {err}") from err
+    config = read_params(EvaluationConfig, evaluation)
     result = run_comparison(
         base_policy,
         prompts[prompts["split"] == "train"],
-        prompts[prompts["split"] == evaluation.get("split", "test")],
+        prompts[prompts["split"] == config.split],
         methods=list(params["methods"]),
         seeds=list(params["seeds"]),
         training_params=training_params,
