@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from fgrpo_pipeline.tasks.sources import (
+    ARITHMETIC_COLUMNS,
     PROMPT_COLUMNS,
     load_gsm8k,
     make_arithmetic_prompts,
@@ -31,7 +32,7 @@ def _record(question="How many?", answer="1 + 1 = <<1+1=2>>2\n#### 2") -> str:
 
 def test_arithmetic_schema_ids_and_splits():
     df = make_arithmetic_prompts(n_train=12, n_test=5, seed=3)
-    assert list(df.columns) == list(PROMPT_COLUMNS)
+    assert list(df.columns) == [*PROMPT_COLUMNS, "difficulty"] == list(ARITHMETIC_COLUMNS)
     assert (df["split"] == "train").sum() == 12
     assert (df["split"] == "test").sum() == 5
     assert df["id"].iloc[0] == "arith-train-00000"
@@ -187,6 +188,9 @@ def _prompts() -> pd.DataFrame:
         ("ground_truth", 19, "expected a string"),
         ("split", "valid", "is not one of"),
         ("id", "arith-train-00000", "duplicate id"),
+        # the optional difficulty column: every prompt needs a stratum
+        ("difficulty", None, "expected a string"),
+        ("difficulty", " ", "empty difficulty"),
     ],
 )
 def test_validate_prompts_names_source_column_and_row(column, value, message):

@@ -71,6 +71,8 @@ def test_an_unknown_key_names_the_file_and_the_valid_keys(block):
         ("safety_training", {"monitor": {"window": 0}}, "safety_training.monitor.window"),
         ("safety_training", {"monitor": {"windows": 3}}, r"unknown safety_training.monitor key"),
         ("safety_evaluation", {"split": "test"}, r"unknown safety_evaluation key\(s\) \['split'\]"),
+        ("safety_evaluation", {"strata": "x"}, r"unknown safety_evaluation key\(s\) \['strata'\]"),
+        ("evaluation", {"strata": " "}, "evaluation.strata must name a column"),
         ("training", {"progress": 1}, "training.progress must be true or false"),
     ],
 )
@@ -113,3 +115,10 @@ def test_a_parameter_error_is_a_value_error_naming_the_parameter():
         Options(count=True)
     with pytest.raises(ValueError, match=r"names\[1\] must be a string, got 2"):
         Options(names=["a", 2])
+
+
+def test_evaluation_strata_are_the_arithmetic_difficulty_and_off_for_gsm8k():
+    # qwen_math's GSM8K prompts have no difficulty column; the env merges key by key, so it
+    # must turn base's strata off itself
+    assert shipped_parameters("local")["evaluation"]["strata"] == "difficulty"
+    assert shipped_parameters("qwen_math")["evaluation"]["strata"] is None

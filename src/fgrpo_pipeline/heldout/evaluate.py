@@ -5,7 +5,7 @@ Uses the same rollout engine and reward functions as training, in batches.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import torch
@@ -21,8 +21,7 @@ from fgrpo_pipeline.rollout import (
     get_engine,
     repeat_each,
 )
-
-SPLITS = ("train", "test")  # of the prompts table
+from fgrpo_pipeline.tasks.sources import DIFFICULTY, SPLITS  # of the prompts table
 
 
 @dataclass
@@ -31,10 +30,13 @@ class EvaluationConfig(Params):
     parameters_safety_evaluation.yml)."""
 
     BLOCK = "evaluation"
-    # Read by the caller (which prompts to evaluate), not by evaluate_policy.
-    RUN_KEYS = ("split",)
+    # Read by evaluate_splits (which prompts to evaluate, how to slice the primary split's
+    # samples), not by evaluate_policy.
+    RUN_KEYS = ("split", "extra_splits", "strata")
 
     split: str = "test"
+    extra_splits: list[str] = field(default_factory=list)
+    strata: str | None = None
     k_samples: int = 4
     batch_prompts: int = 64
     max_prompts: int = 0
@@ -45,6 +47,23 @@ class EvaluationConfig(Params):
 
     def check(self) -> None:
         require_choice(self.split, SPLITS, "split")
+        for extra in self.extra_splits:
+            require_choice(extra, SPLITS, "extra_splits")
+        require(
+            len(set(self.extra_splits)) == len(self.extra_splits),
+            "extra_splits",
+            f"has duplicates: {self.extra_splits!r}",
+        )
+        require(
+            self.split not in self.extra_splits,
+            "extra_splits",
+            f"repeats split {self.split!r} (it is always evaluated): {self.extra_splits!r}",
+        )
+        require(
+            self.strata is None or bool(self.strata.strip()),
+            "strata",
+            f"must name a column of the prompts table, or be null; got {self.strata!r}",
+        )
         for name in ("k_samples", "batch_prompts"):
             require(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)}")
         require(self.max_prompts >= 0, "max_prompts", "must be ≥ 0 (0 = all)")
@@ -72,6 +91,20 @@ def _evaluate_batch(policy, reference, prompts, truths, k, sampling, engine, rew
     return batch, scored, kl
 
 
+def _greedy_correct(policy, prompts, truths, greedy, engine, reward_fn, correct_fn) -> list[bool]:
+    """Whether each prompt's one greedy decode is correct."""
+    batch = engine.generate(policy, prompts, 1, greedy)
+    scored = score_rollouts(
+        batch.completions,
+        batch.prompts,
+        truths,
+        reward_fn=reward_fn,
+        correctness_fn=correct_fn,
+        group_size=1,
+    )
+    return scored.correct.tolist()
+
+
 def evaluate_policy(
     policy: Policy,
     reference: Policy,
@@ -81,7 +114,9 @@ def evaluate_policy(
     reward_fn: RewardFn | None = None,
     correctness_fn: RewardFn | None = None,
 ) -> tuple[dict[str, float], pd.DataFrame]:
-    """Metrics of ``policy`` on ``prompts`` and one row per sampled completion.
+    """Metrics of ``policy`` on ``prompts`` and one row per sampled completion (its
+    ``greedy_correct`` is whether its prompt's greedy decode was correct, the same on all
+    ``k_samples`` rows of a prompt).
 
     ``reward_fn`` / ``correctness_fn`` replace the named rewards of ``config`` when given.
 
@@ -128,16 +163,10 @@ def evaluate_policy(
                 }
             )
         )
-        g_batch = engine.generate(policy, texts, 1, greedy)
-        g_scores = score_rollouts(
-            g_batch.completions,
-            g_batch.prompts,
-            truths,
-            reward_fn=reward_fn,
-            correctness_fn=correct_fn,
-            group_size=1,
-        )
-        greedy_correct.extend(g_scores.correct.tolist())
+        g_correct = _greedy_correct(policy, texts, truths, greedy, engine, reward_fn, correct_fn)
+        greedy_correct.extend(g_correct)
+        # kept per row so that strata of the split can be scored without decoding again
+        sampled_rows[-1]["greedy_correct"] = repeat_each(g_correct, config.k_samples)
     samples = pd.concat(sampled_rows, ignore_index=True)
     metrics = {
         "n_prompts": len(prompts),
@@ -149,3 +178,104 @@ def evaluate_policy(
         "completion_length": float(samples["length"].mean()),
     }
     return metrics, samples
+
+
+def _split_rows(prompts: pd.DataFrame, config: EvaluationConfig) -> dict[str, pd.DataFrame]:
+    """Each split to evaluate (``split`` first) and its rows; a split without rows is an
+    error naming its parameter."""
+    chosen = {}
+    for split in (config.split, *config.extra_splits):
+        rows = prompts[prompts["split"] == split]
+        if rows.empty and split == config.split:
+            raise ValueError(f"evaluation.split: split {split!r} has no prompts")
+        if rows.empty:
+            # only the synthetic task makes ood rows, and only with n_ood > 0
+            hint = "set data_preparation.arithmetic.n_ood > 0, or " if split == "ood" else ""
+            raise ValueError(
+                f"evaluation.extra_splits: split {split!r} has no prompts "
+                f"({hint}drop it from extra_splits)"
+            )
+        chosen[split] = rows
+    return chosen
+
+
+def _check_strata(rows: pd.DataFrame, config: EvaluationConfig) -> None:
+    """``config.strata`` is a column of the primary split's ``rows`` with a value on every row,
+    and no value whose keys would be an extra split's (``ood_sampled_accuracy``)."""
+    column = config.strata
+    if column not in rows.columns:
+        # GSM8K tables have no difficulty; an arithmetic one may predate the column
+        hint = " (or re-run data_preparation)" if column == DIFFICULTY else ""
+        raise ValueError(
+            f"evaluation.strata: the prompts table has no column {column!r} (columns: "
+            f"{list(rows.columns)}); name one of them, or set evaluation.strata: null{hint}"
+        )
+    missing = rows[column].isna()
+    if missing.any():
+        raise ValueError(
+            f"evaluation.strata: column {column!r}, row {missing.idxmax()!r}: no value "
+            f"(every prompt of split {config.split!r} needs a stratum)"
+        )
+    clash = sorted(set(map(str, rows[column])) & set(config.extra_splits))
+    if clash:
+        raise ValueError(
+            f"evaluation.strata: column {column!r} has value(s) {clash} that are also "
+            "extra_splits: their metric keys would be the same"
+        )
+
+
+def strata_metrics(rows: pd.DataFrame, samples: pd.DataFrame, column: str) -> dict[str, float]:
+    """Per value ``v`` of ``rows[column]``: ``v_n_prompts``, ``v_sampled_accuracy`` and
+    ``v_greedy_accuracy``, from the ``samples`` :func:`evaluate_policy` drew for ``rows``
+    (matched by ``prompt_id``; prompts it did not evaluate, past ``max_prompts``, count in no
+    stratum), so the strata's prompt-weighted mean is the split's accuracy."""
+    values = samples["prompt_id"].map(rows.set_index("id")[column])
+    metrics: dict[str, float] = {}
+    for value in sorted(values.unique(), key=str):
+        part = samples[values == value]
+        # each prompt's k rows repeat its one greedy result
+        greedy = part.drop_duplicates("prompt_id")["greedy_correct"]
+        metrics |= {
+            f"{value}_n_prompts": len(greedy),
+            f"{value}_sampled_accuracy": float(part["correct"].mean()),
+            f"{value}_greedy_accuracy": float(greedy.sum() / len(greedy)),
+        }
+    return metrics
+
+
+def evaluate_splits(
+    policy: Policy,
+    reference: Policy,
+    prompts: pd.DataFrame,
+    config: EvaluationConfig,
+    *,
+    reward_fn: RewardFn | None = None,
+    correctness_fn: RewardFn | None = None,
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """:func:`evaluate_policy` on ``config.split``'s rows of ``prompts`` (its metrics under
+    their own names), then on each of ``config.extra_splits`` (metrics prefixed by the split:
+    ``ood_sampled_accuracy``, ``ood_greedy_accuracy``, ...); the samples table gains a
+    ``split`` column.
+
+    With ``config.strata`` (a column, e.g. ``difficulty``), the primary split's metrics also
+    hold :func:`strata_metrics` of its samples (``carry_sampled_accuracy``, ...): no extra
+    generation, and the split's own numbers are unchanged.
+
+    ``max_prompts`` caps each split. Sampling is seeded per generate call, so the primary
+    split's numbers are those :func:`evaluate_policy` gives on its rows alone.
+    """
+    chosen = _split_rows(prompts, config)
+    if config.strata:
+        _check_strata(chosen[config.split], config)
+    metrics: dict[str, float] = {}
+    samples = []
+    for split, rows in chosen.items():
+        values, table = evaluate_policy(
+            policy, reference, rows, config, reward_fn=reward_fn, correctness_fn=correctness_fn
+        )
+        if split == config.split and config.strata:
+            values |= strata_metrics(rows, table, config.strata)
+        prefix = "" if split == config.split else f"{split}_"
+        metrics |= {f"{prefix}{key}": value for key, value in values.items()}
+        samples.append(table.assign(split=split))
+    return metrics, pd.concat(samples, ignore_index=True)

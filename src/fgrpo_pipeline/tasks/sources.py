@@ -2,7 +2,10 @@
 
 Every source returns a pandas table with at least ``PROMPT_COLUMNS`` (all strings):
 ``id`` (e.g. ``"arith-train-00012"``), ``prompt``, ``ground_truth`` (the reference answer as a
-plain number string such as ``"19"`` or ``"-4"``) and ``split`` (``"train"`` or ``"test"``).
+plain number string such as ``"19"`` or ``"-4"``) and ``split`` (``"train"``, ``"test"`` or, for
+the synthetic task only, ``"ood"``: held-out problems with operands beyond the training range).
+The synthetic task's tables also have ``DIFFICULTY`` (see :func:`arithmetic_difficulty`), the
+strata of ``evaluation.strata``; GSM8K's have no such column.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import pandas as pd
 from fgrpo_pipeline.algorithms.params import ParameterError, Params, require, require_choice
 
 PROMPT_COLUMNS = ("id", "prompt", "ground_truth", "split")
-SPLITS = ("train", "test")
+# Optional column: a prompt's difficulty stratum (a string), present in arithmetic tables.
+DIFFICULTY = "difficulty"
+ARITHMETIC_COLUMNS = (*PROMPT_COLUMNS, DIFFICULTY)
+SPLITS = ("train", "test", "ood")
+# GSM8K ships these two; ood exists only for the synthetic task (it needs an operand range).
+GSM8K_SPLITS = ("train", "test")
 
 _OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 # GSM8K's last answer line: "#### 72", "#### -3", "#### 2.5", "#### 1,200".
@@ -45,10 +53,12 @@ class ArithmeticConfig(Params):
     operations: tuple[str, ...] = ("+", "-", "*")
     operand_min: int = 0
     operand_max: int = 29
+    n_ood: int = 180
+    ood_operand_max: int = 39
     seed: int = 0
 
     def check(self) -> None:
-        for name in ("n_train", "n_test"):
+        for name in ("n_train", "n_test", "n_ood"):
             value = getattr(self, name)
             require(value >= 0, name, f"must be >= 0, got {value}")
         require(
@@ -71,10 +81,33 @@ class ArithmeticConfig(Params):
             f"for operations={self.operations!r}, operands in "
             f"[{self.operand_min}, {self.operand_max}]",
         )
+        if self.n_ood:
+            self._check_ood()
+
+    def _check_ood(self) -> None:
+        require(
+            self.ood_operand_max > self.operand_max,
+            "ood_operand_max",
+            f"({self.ood_operand_max}) must be > operand_max ({self.operand_max}) when "
+            f"n_ood > 0 (n_ood = {self.n_ood}): ood problems need an operand above operand_max",
+        )
+        require(
+            self.n_ood <= self.n_distinct_ood(),
+            "n_ood",
+            f"= {self.n_ood} exceeds the {self.n_distinct_ood()} distinct ood problems for "
+            f"operations={self.operations!r}, operands in [{self.operand_min}, "
+            f"{self.ood_operand_max}] with at least one > operand_max ({self.operand_max})",
+        )
 
     def n_distinct(self) -> int:
         """How many distinct ``(a, op, b)`` problems there are."""
         return len(self.operations) * (self.operand_max - self.operand_min + 1) ** 2
+
+    def n_distinct_ood(self) -> int:
+        """How many distinct ood problems there are: both operands in [operand_min,
+        ood_operand_max], at least one above operand_max."""
+        wide = max(self.ood_operand_max, self.operand_max) - self.operand_min + 1
+        return len(self.operations) * wide**2 - self.n_distinct()
 
 
 def make_arithmetic_prompts(
@@ -85,12 +118,16 @@ def make_arithmetic_prompts(
     operand_min: int = 0,
     operand_max: int = 29,
     seed: int = 0,
+    n_ood: int = 0,
+    ood_operand_max: int = 39,
 ) -> pd.DataFrame:
-    """Seeded synthetic problems ``"{a}{op}{b}="`` with their integer answers.
+    """Seeded synthetic problems ``"{a}{op}{b}="`` with their integer answers and their
+    ``difficulty`` (:func:`arithmetic_difficulty`).
 
     Distinct ``(a, op, b)`` triples are drawn without replacement, so no prompt appears in
-    both splits; the same arguments always give the same table. The arguments are checked
-    as :class:`ArithmeticConfig` checks them.
+    two splits; the same arguments always give the same table. The arguments are checked
+    as :class:`ArithmeticConfig` checks them, but ``n_ood`` defaults to 0 here (the config's
+    default is 180): a table built in code holds only the splits its caller asks for.
     """
     config = ArithmeticConfig(
         n_train=n_train,
@@ -99,8 +136,50 @@ def make_arithmetic_prompts(
         operand_min=operand_min,
         operand_max=operand_max,
         seed=seed,
+        n_ood=n_ood,
+        ood_operand_max=ood_operand_max,
     )
     return arithmetic_prompts(config)
+
+
+def arithmetic_difficulty(a: int, op: str, b: int) -> str:
+    """The difficulty stratum of ``a op b``: ``"carry"`` / ``"no_carry"`` for a sum of two
+    operands ≥ 0 whose units digits do / do not carry into the tens (5+7, 19+1 carry; 12+3
+    does not), ``"other"`` for every other problem.
+
+    Only "+" is stratified: a borrow or a units-digit product is a different skill, and with a
+    negative operand a "sum" is a subtraction, so one carry rule would not mean one thing
+    there; "other" keeps those rows in a stratum of their own rather than mislabelled.
+    """
+    if op == "+" and a >= 0 and b >= 0:
+        return "carry" if a % 10 + b % 10 >= 10 else "no_carry"
+    return "other"
+
+
+def _arithmetic_row(split: str, number: int, a: int, op: str, b: int) -> dict[str, str]:
+    return {
+        "id": f"arith-{split}-{number:05d}",
+        "prompt": f"{a}{op}{b}=",
+        "ground_truth": str(_OPERATIONS[op](a, b)),
+        "split": split,
+        DIFFICULTY: arithmetic_difficulty(a, op, b),
+    }
+
+
+def _ood_problem(config: ArithmeticConfig, index: int) -> tuple[int, str, int]:
+    """Problem ``index`` of the ood grid: per operation, the ``wide``² operand pairs of
+    [operand_min, ood_operand_max] minus the ``inner``² of [operand_min, operand_max], listed
+    as the rows a ≤ operand_max (b above it only), then the rows a > operand_max (any b)."""
+    inner = config.operand_max - config.operand_min + 1
+    wide = config.ood_operand_max - config.operand_min + 1
+    op_index, rest = divmod(index, wide**2 - inner**2)
+    if rest < inner * (wide - inner):
+        a_offset, b_offset = divmod(rest, wide - inner)
+        b_offset += inner
+    else:
+        a_offset, b_offset = divmod(rest - inner * (wide - inner), wide)
+        a_offset += inner
+    return config.operand_min + a_offset, config.operations[op_index], config.operand_min + b_offset
 
 
 def arithmetic_prompts(config: ArithmeticConfig) -> pd.DataFrame:
@@ -116,15 +195,15 @@ def arithmetic_prompts(config: ArithmeticConfig) -> pd.DataFrame:
         op = operations[op_index]
         a, b = config.operand_min + a_offset, config.operand_min + b_offset
         split, number = ("train", i) if i < n_train else ("test", i - n_train)
-        rows.append(
-            {
-                "id": f"arith-{split}-{number:05d}",
-                "prompt": f"{a}{op}{b}=",
-                "ground_truth": str(_OPERATIONS[op](a, b)),
-                "split": split,
-            }
-        )
-    return pd.DataFrame(rows, columns=list(PROMPT_COLUMNS), dtype=object)
+        rows.append(_arithmetic_row(split, number, a, op, b))
+    if config.n_ood:
+        # A stream of its own (a string seed is hashed deterministically), so adding or
+        # resizing the ood split never moves a train or test problem.
+        ood_rng = random.Random(f"arithmetic-ood-{config.seed}")
+        ood_picks = ood_rng.sample(range(config.n_distinct_ood()), config.n_ood)
+        for number, index in enumerate(ood_picks):
+            rows.append(_arithmetic_row("ood", number, *_ood_problem(config, index)))
+    return pd.DataFrame(rows, columns=list(ARITHMETIC_COLUMNS), dtype=object)
 
 
 def read_jsonl_objects(path: Path):
@@ -177,8 +256,8 @@ def load_gsm8k(
     commas; ``solution`` is the full worked answer. Every record is validated, and the first
     bad one raises a ``ValueError`` naming the file and its 1-based line (or the hub row).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in GSM8K_SPLITS:
+        raise ValueError(f"split must be one of {GSM8K_SPLITS}, got {split!r}")
     if limit is not None and (_check_int(limit, "limit") < 0):
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     _check_template(prompt_template)
@@ -243,7 +322,7 @@ class GSM8KConfig(Params):
     hub_config: str | None = "main"
 
     def check(self) -> None:
-        for split in SPLITS:
+        for split in GSM8K_SPLITS:
             limit = getattr(self, f"limit_{split}")
             require(
                 limit is None or limit >= 0, f"limit_{split}", f"must be >= 0 or null, got {limit}"
@@ -267,7 +346,7 @@ class GSM8KConfig(Params):
                     hub_name=self.hub_name,
                     hub_config=self.hub_config,
                 )
-                for split in SPLITS
+                for split in GSM8K_SPLITS
             ],
             ignore_index=True,
         )
@@ -290,7 +369,8 @@ class DataPreparationConfig(Params):
         require(getattr(self, self.source) is not None, self.source, "is missing")
 
     def prompts(self) -> pd.DataFrame:
-        """The prompts table (id, prompt, ground_truth, split) of the selected source."""
+        """The prompts table (id, prompt, ground_truth, split; arithmetic adds difficulty) of
+        the selected source."""
         if self.source == "arithmetic":
             return arithmetic_prompts(self.arithmetic)
         return self.gsm8k.load()
@@ -300,20 +380,24 @@ def validate_prompts(df: pd.DataFrame, source: str, splits: tuple[str, ...] = SP
     """Raise a ``ValueError`` naming ``source``, column and row if ``df`` is not a prompts table.
 
     Checks: all ``PROMPT_COLUMNS`` present and string-valued, non-blank prompts, unique ids,
-    and splits in ``SPLITS``.
+    and splits in ``splits`` (default ``SPLITS``: train, test and the optional ood). The
+    optional ``DIFFICULTY`` column, where present, must hold non-blank strings: a missing
+    value would drop its prompt from every stratum of ``evaluation.strata``.
     """
     missing = [column for column in PROMPT_COLUMNS if column not in df.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {missing}; expected {list(PROMPT_COLUMNS)}")
-    for column in PROMPT_COLUMNS:
+    optional = [DIFFICULTY] if DIFFICULTY in df.columns else []
+    for column in (*PROMPT_COLUMNS, *optional):
         for row, value in df[column].items():
             if not isinstance(value, str):
                 raise ValueError(
                     f"{source}: column {column!r}, row {row!r}: expected a string, got {value!r}"
                 )
-    for row, value in df["prompt"].items():
-        if not value.strip():
-            raise ValueError(f"{source}: column 'prompt', row {row!r}: empty prompt")
+    for column in ("prompt", *optional):
+        for row, value in df[column].items():
+            if not value.strip():
+                raise ValueError(f"{source}: column {column!r}, row {row!r}: empty {column}")
     duplicated = df["id"].duplicated()
     if duplicated.any():
         row = duplicated.idxmax()

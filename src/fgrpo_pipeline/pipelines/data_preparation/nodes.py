@@ -13,7 +13,8 @@ from fgrpo_pipeline.tasks.sources import DataPreparationConfig, validate_prompts
 def prepare_prompts(params: dict[str, Any]) -> pd.DataFrame:
     """The prompts table (id, prompt, ground_truth, split) from the selected source.
 
-    ``arithmetic`` is generated here; ``gsm8k`` reads the jsonl files the parameters name
+    ``arithmetic`` is generated here (train, test and, when ``n_ood`` > 0, the ood rows
+    beyond the training operand range); ``gsm8k`` reads the jsonl files the parameters name
     (the published format, e.g. copied into data/01_raw/gsm8k/), or ``hub_name`` from the
     hub with the optional ``datasets`` package.
     """

@@ -25,8 +25,9 @@ class SafetyTrainingParams(TrainingParams):
 
 @dataclass
 class SafetyEvaluationParams(RunParams):
-    """``safety_evaluation``: the held-out evaluation (EvaluationConfig's keys but ``split``:
-    the safety evaluation reads the test split) and the gold ``judge``."""
+    """``safety_evaluation``: the held-out evaluation (EvaluationConfig's keys but its run keys
+    ``split``, ``extra_splits`` and ``strata``: the safety evaluation reads the test split
+    whole) and the gold ``judge``."""
 
     BLOCK = "safety_evaluation"
     CONFIG = EvaluationConfig
