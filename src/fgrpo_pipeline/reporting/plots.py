@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.container import ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 CURVES = (
     ("reward_mean", "reward (batch mean)"),
@@ -203,16 +211,322 @@ SAFETY_BARS = (
 )
 
 
-def safety_comparison_bars(table: pd.DataFrame, title: str = "f-HAL by λ") -> Figure:
-    """One bar chart per metric of the safety table (base and every λ; error bars: std over
-    seeds where there is more than one)."""
-    labels = [str(lam) if lam == "base" else f"λ={lam}" for lam in table["lam"]]
+def safety_comparison_bars(
+    table: pd.DataFrame, title: str = "f-HAL by λ", *, base: Mapping[str, float] | None = None
+) -> Figure:
+    """One bar chart per metric of the safety table.
+
+    Either form of the table works. :func:`fgrpo_pipeline.experiments.safety_sweep.safety_table`:
+    ``lam`` (a ``"base"`` row, then one per λ), ``<metric>`` and ``<metric>_std`` (error bars:
+    std over seeds where there is more than one). Or a summary with ``<metric>_mean`` and
+    ``<metric>_ci_low`` / ``_ci_high`` (error bars: the 95 % CI, none where it is NaN). With a
+    ``hal_scaling`` column the bars are grouped by scaling, one bar per λ in every group (the
+    same colour for the same λ); a ``"base"`` row is a group of its own. ``base`` (metric ->
+    value) draws the base policy as a dashed line.
+    """
+    _require(table, ["lam"], "the safety table")
+    values = {name: _value_column(table, name) for name, _ in SAFETY_BARS}
+    x, colours, width, ticks, legend = _bar_layout(table)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
-    colours = ["grey", *plt.get_cmap("tab10").colors[: len(table) - 1]]
-    for ax, (column, label) in zip(axes.flat, SAFETY_BARS, strict=True):
-        errors = table.get(f"{column}_std")
-        ax.bar(labels, table[column], color=colours, yerr=errors, capsize=3)
+    for ax, (name, label) in zip(axes.flat, SAFETY_BARS, strict=True):
+        low, high = f"{name}_ci_low", f"{name}_ci_high"
+        has_ci = low in table and high in table
+        errors = None if has_ci else table.get(f"{name}_std")
+        ax.bar(x, table[values[name]], width=width, color=colours, yerr=errors, capsize=3)
+        if has_ci:
+            _interval_bars(ax, x, table[low], table[high], horizontal=False, color="black")
+        if base is not None and name in base:
+            ax.axhline(base[name], color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(*ticks)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
+    if base is not None and any(name in base for name, _ in SAFETY_BARS):
+        legend.append(Line2D([], [], color="grey", linestyle="--", linewidth=1, label="base"))
+    if legend:
+        fig.legend(handles=legend, loc="outside lower center", ncols=len(legend))
     fig.suptitle(title)
+    return fig
+
+
+def _value_column(table: pd.DataFrame, name: str) -> str:
+    """``<name>_mean`` (a summary with intervals) or else ``<name>`` (safety_table)."""
+    for column in (f"{name}_mean", name):
+        if column in table.columns:
+            return column
+    raise ValueError(f"the safety table lacks column {name!r} (or {name + '_mean'!r})")
+
+
+def _bar_layout(
+    table: pd.DataFrame,
+) -> tuple[np.ndarray, list, float, tuple[list[float], list[str]], list[Patch]]:
+    """(bar positions, bar colours, bar width, (tick positions, tick labels), legend handles)
+    of :func:`safety_comparison_bars`: a bar per row, or grouped by ``hal_scaling``."""
+    is_base = (table["lam"].astype(str) == "base").to_numpy()
+    palette = plt.get_cmap("tab10").colors
+    if "hal_scaling" not in table:
+        cycle = itertools.cycle(palette)
+        labels = ["base" if b else f"λ={lam}" for b, lam in zip(is_base, table["lam"], strict=True)]
+        colours = ["grey" if b else next(cycle) for b in is_base]
+        x = np.arange(len(table), dtype=float)
+        return x, colours, 0.8, (list(x), labels), []
+    arms = table[~is_base]
+    lams = sorted({float(lam) for lam in arms["lam"]})
+    groups = list(dict.fromkeys(arms["hal_scaling"].astype(str)))
+    width = 0.8 / max(1, len(lams))
+    colour = {lam: palette[i % len(palette)] for i, lam in enumerate(lams)}
+    offset = {lam: (i - (len(lams) - 1) / 2) * width for i, lam in enumerate(lams)}
+    first = int(is_base.any())  # the base row's group comes first
+    slot = {group: first + i for i, group in enumerate(groups)}
+    x, colours = [], []
+    for b, lam, group in zip(is_base, table["lam"], table["hal_scaling"].astype(str), strict=True):
+        x.append(0.0 if b else slot[group] + offset[float(lam)])
+        colours.append("grey" if b else colour[float(lam)])
+    ticks = (list(range(first + len(groups))), ["base"] * first + groups)
+    legend = [Patch(color=colour[lam], label=f"λ={lam:g}") for lam in lams]
+    return np.asarray(x), colours, width, ticks, legend
+
+
+# Confidence-interval figures of the sweeps' summaries
+# (:func:`fgrpo_pipeline.experiments.statistics.summarise_arms`: ``<metric>_mean`` /
+# ``_ci_low`` / ``_ci_high``; a NaN interval, e.g. one seed, is a point without a bar).
+
+BENCHMARK_LABELS = {
+    "sampled_accuracy": "accuracy (sampled, held-out)",
+    "greedy_accuracy": "accuracy (greedy, held-out)",
+    "ood_sampled_accuracy": "accuracy (sampled, out of distribution)",
+}
+METHOD_STYLE = {"color": "tab:blue", "marker": "o"}
+BASELINE_STYLE = {"color": "black", "marker": "D"}
+EXCLUDES_ZERO = ("CI excludes 0", {"color": "tab:red", "marker": "s"})
+INCLUDES_ZERO = ("CI includes 0", {"color": "tab:grey", "marker": "o"})
+
+
+def _require(table: pd.DataFrame, columns: Iterable[str], what: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}")
+
+
+def _interval_columns(metric: str) -> tuple[str, str, str]:
+    return f"{metric}_mean", f"{metric}_ci_low", f"{metric}_ci_high"
+
+
+def _intervals(table: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, low, high) of ``metric`` as float arrays."""
+    return tuple(table[c].to_numpy(dtype=float) for c in _interval_columns(metric))
+
+
+def _interval_bars(ax: Axes, at, low, high, *, horizontal: bool, color) -> ErrorbarContainer | None:
+    """Error bars spanning exactly [low, high] (the interval need not contain the point
+    estimate, so they are drawn from ``low`` rather than around the mean), at positions
+    ``at`` on the other axis. Rows with a NaN bound get no bar; None when no row has one."""
+    at, low, high = (np.asarray(v, dtype=float) for v in (at, low, high))
+    finite = np.isfinite(at) & np.isfinite(low) & np.isfinite(high)
+    if not finite.any():
+        return None
+    start = np.minimum(low[finite], high[finite])
+    err = np.vstack([np.zeros_like(start), np.abs(high[finite] - low[finite])])
+    style = {"fmt": "none", "ecolor": color, "capsize": 3, "elinewidth": 1.2}
+    if horizontal:
+        return ax.errorbar(start, at[finite], xerr=err, **style)
+    return ax.errorbar(at[finite], start, yerr=err, **style)
+
+
+def _seeds_note(table: pd.DataFrame) -> str:
+    """`` (5 seeds)`` or `` (3–5 seeds)`` from ``n_seeds``; empty without it."""
+    if "n_seeds" not in table or not table["n_seeds"].notna().any():
+        return ""
+    low, high = int(table["n_seeds"].min()), int(table["n_seeds"].max())
+    return f" ({low} seed{'s' * (low != 1)})" if low == high else f" ({low}–{high} seeds)"
+
+
+def divergence_summary(
+    summary: pd.DataFrame,
+    base: Mapping[str, float] | None = None,
+    *,
+    benchmarks: Sequence[str] = ("sampled_accuracy", "ood_sampled_accuracy"),
+    baseline: str = BASELINE_METHOD,
+    title: str = "f-GRPO divergences vs GRPO",
+) -> Figure:
+    """The divergence sweep's summary (one row per method) as point ranges, methods in
+    table order top to bottom in every panel, the baseline in black: a panel per benchmark
+    of ``benchmarks`` the table has (``<benchmark>_mean`` / ``_ci_low`` / ``_ci_high``; the
+    base policy's ``base[benchmark]`` dashed), one of ``relative_overall`` (base 0, best 100)
+    and one of the paired difference to ``baseline`` on the first benchmark present
+    (``<benchmark>_diff_*``), where intervals that exclude 0 are red squares. A summary
+    without the baseline method (a sweep that did not run it) has no difference panel.
+    """
+    _require(summary, ["method"], "the summary")
+    present = [b for b in benchmarks if f"{b}_mean" in summary.columns]
+    if not present:
+        wanted = [f"{b}_mean" for b in benchmarks]
+        raise ValueError(f"the summary lacks every benchmark column {wanted}")
+    methods = [str(m) for m in summary["method"]]
+    with_diff = baseline in methods
+    needed = (*present, "relative_overall", *[f"{present[0]}_diff"] * with_diff)
+    _require(summary, [c for m in needed for c in _interval_columns(m)], "the summary")
+    rows = np.arange(len(methods), dtype=float)
+    is_base = np.array([m == baseline for m in methods])
+    panels = [(b, BENCHMARK_LABELS.get(b, b)) for b in present]
+    panels.append(("relative_overall", "Relative Overall (base 0, best 100)"))
+    fig, axes = plt.subplots(
+        1,
+        len(panels) + with_diff,
+        figsize=(4.2 * (len(panels) + with_diff), max(3.2, 1.6 + 0.45 * len(methods))),
+        constrained_layout=True,
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, (metric, label) in zip(axes[0][: len(panels)], panels, strict=True):
+        mean, low, high = _intervals(summary, metric)
+        for chosen, style in ((~is_base, METHOD_STYLE), (is_base, BASELINE_STYLE)):
+            _interval_bars(
+                ax, rows[chosen], low[chosen], high[chosen], horizontal=True, color=style["color"]
+            )
+            ax.plot(mean[chosen], rows[chosen], linestyle="none", **style)
+        reference = 0.0 if metric == "relative_overall" else (base or {}).get(metric)
+        if base is not None and reference is not None:
+            ax.axvline(reference, color="grey", linestyle="--", linewidth=1, label="base policy")
+            ax.legend(fontsize=8, loc="best")
+        ax.set_title(label, fontsize=10)
+    if with_diff:
+        _difference_panel(axes[0][-1], summary, present[0], rows, is_base, baseline)
+    for ax in axes[0]:
+        for row in rows[is_base]:
+            ax.axhspan(row - 0.4, row + 0.4, color="grey", alpha=0.12, linewidth=0)
+        ax.grid(alpha=0.3, axis="x")
+    first = axes[0][0]
+    first.set_yticks(rows, methods)
+    first.set_ylim(len(methods) - 0.5, -0.5)  # first method on top
+    for tick, method in zip(first.get_yticklabels(), methods, strict=True):
+        tick.set_fontweight("bold" if method == baseline else "normal")
+    fig.suptitle(f"{title} — mean and 95 % CI over seeds{_seeds_note(summary)}")
+    return fig
+
+
+def _difference_panel(
+    ax: Axes,
+    summary: pd.DataFrame,
+    benchmark: str,
+    rows: np.ndarray,
+    is_base: np.ndarray,
+    baseline: str,
+) -> None:
+    """The paired difference to the baseline on ``benchmark``: red squares where the
+    interval excludes 0, grey circles where it does not (or is NaN)."""
+    mean, low, high = _intervals(summary, f"{benchmark}_diff")
+    with np.errstate(invalid="ignore"):
+        excludes = np.isfinite(low) & np.isfinite(high) & ((low > 0) | (high < 0))
+    shown = np.isfinite(mean) & ~is_base
+    for chosen, (label, style) in ((excludes, EXCLUDES_ZERO), (~excludes, INCLUDES_ZERO)):
+        chosen = chosen & shown
+        if chosen.any():
+            _interval_bars(
+                ax, rows[chosen], low[chosen], high[chosen], horizontal=True, color=style["color"]
+            )
+            ax.plot(mean[chosen], rows[chosen], linestyle="none", label=label, **style)
+    ax.axvline(0, color="black", linewidth=0.8)
+    for row in rows[is_base]:
+        ax.text(0, row, f" {baseline}", va="center", fontsize=8, color="grey")
+    name = BENCHMARK_LABELS.get(benchmark, benchmark)
+    ax.set_title(f"{name}: difference to {baseline}\n(paired by seed)", fontsize=10)
+    ax.set_xlabel(f"difference to {baseline} (red: CI excludes 0)")
+    if shown.any():
+        ax.legend(fontsize=8, loc="best")
+
+
+def _by_scaling(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(hal_scaling, its rows ordered by λ) in table order; ``lam`` must be numeric."""
+    lam = pd.to_numeric(table["lam"], errors="coerce")
+    if lam.isna().any():
+        bad = table["lam"][lam.isna()].tolist()
+        raise ValueError(f"lam must be a number on every row (the base goes in `base`), got {bad}")
+    table = table.assign(lam=lam.astype(float))
+    groups = table.groupby(table["hal_scaling"].astype(str), sort=False)
+    return [(str(scaling), rows.sort_values("lam")) for scaling, rows in groups]
+
+
+def safety_pareto(
+    table: pd.DataFrame,
+    base: Mapping[str, float] | None = None,
+    *,
+    title: str = "f-HAL: gold score vs reward-model reward",
+) -> Figure:
+    """Gold score against reward-model reward, one arm (λ, hal_scaling) a point with its
+    95 % CI cross, one coloured line per ``hal_scaling`` in λ order, every point labelled
+    with its λ; the base policy (``base["rm_reward"]``, ``base["gold_score"]``) a black star.
+
+    ``table``: ``lam``, ``hal_scaling``, ``rm_reward_mean`` / ``_ci_low`` / ``_ci_high`` and
+    ``gold_score_mean`` / ``_ci_low`` / ``_ci_high`` (``n_seeds`` goes in the title).
+    """
+    columns = ["lam", "hal_scaling", *_interval_columns("rm_reward")]
+    _require(table, [*columns, *_interval_columns("gold_score")], "the safety table")
+    if base is not None:
+        missing = [k for k in ("rm_reward", "gold_score") if k not in base]
+        if missing:
+            raise ValueError(f"base lacks {missing}")
+    palette = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(7, 5.4), constrained_layout=True)
+    for i, (scaling, rows) in enumerate(_by_scaling(table)):
+        colour = palette[i % len(palette)]
+        x, x_low, x_high = _intervals(rows, "rm_reward")
+        y, y_low, y_high = _intervals(rows, "gold_score")
+        ax.plot(x, y, marker="o", color=colour, label=scaling)
+        _interval_bars(ax, y, x_low, x_high, horizontal=True, color=colour)
+        _interval_bars(ax, x, y_low, y_high, horizontal=False, color=colour)
+        for lam, xi, yi in zip(rows["lam"], x, y, strict=True):
+            ax.annotate(
+                f"λ={lam:g}", (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=8
+            )
+    if base is not None:
+        ax.plot(
+            [base["rm_reward"]],
+            [base["gold_score"]],
+            marker="*",
+            markersize=14,
+            color="black",
+            linestyle="none",
+            label="base",
+        )
+    ax.set_xlabel("reward-model reward (mean, 95 % CI)")
+    ax.set_ylabel("gold score (mean, 95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="HAL scaling", fontsize=8, loc="best")
+    fig.suptitle(f"{title}{_seeds_note(table)}")
+    return fig
+
+
+def separation_by_lam(
+    table: pd.DataFrame,
+    base: Mapping[str, float] | None = None,
+    *,
+    metric: str = "bhattacharyya",
+    title: str = "latent separation D_B by λ",
+) -> Figure:
+    """``<metric>_mean`` against λ with its 95 % CI as error bars, one line per
+    ``hal_scaling`` (shifted sideways a little so they do not overlap); ``base[metric]`` as a
+    dashed line. Any metric of the safety summary works (``kl_to_ref``, ``gold_score``, …).
+
+    ``table``: ``lam``, ``hal_scaling``, ``<metric>_mean`` / ``_ci_low`` / ``_ci_high``.
+    """
+    _require(table, ["lam", "hal_scaling", *_interval_columns(metric)], "the safety table")
+    groups = _by_scaling(table)
+    lams = np.unique(np.concatenate([rows["lam"].to_numpy() for _, rows in groups]))
+    step = 0.02 * ((lams.max() - lams.min()) or 1.0) if len(lams) else 0.0
+    palette = plt.get_cmap("tab10").colors
+    fig, ax = plt.subplots(figsize=(6.5, 4.6), constrained_layout=True)
+    for i, (scaling, rows) in enumerate(groups):
+        colour = palette[i % len(palette)]
+        x = rows["lam"].to_numpy() + (i - (len(groups) - 1) / 2) * step
+        mean, low, high = _intervals(rows, metric)
+        ax.plot(x, mean, marker="o", color=colour, label=scaling)
+        _interval_bars(ax, x, low, high, horizontal=False, color=colour)
+    if base is not None and metric in base:
+        ax.axhline(base[metric], color="grey", linestyle="--", linewidth=1, label="base")
+    ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+    ax.set_xlabel("λ")
+    ax.set_ylabel(f"{dict(SAFETY_BARS).get(metric, metric)} (mean, 95 % CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="HAL scaling", fontsize=8, loc="best")
+    fig.suptitle(f"{title}{_seeds_note(table)}")
     return fig
