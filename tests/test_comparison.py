@@ -1,12 +1,9 @@
-"""The divergence comparison: scoring (Relative Overall, ranks), the sweep, MLflow child runs."""
-
-import math
+"""The divergence comparison: scoring (Relative Overall, ranks, intervals) and the sweep engine
+(the Kedro pipeline and its MLflow child runs: tests/test_sweep_pipelines.py)."""
 
 import matplotlib.pyplot as plt
-import mlflow
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fgrpo_pipeline.experiments.divergence_sweep import (
     curves_table,
@@ -16,16 +13,13 @@ from fgrpo_pipeline.experiments.divergence_sweep import (
     summarise,
 )
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
-from fgrpo_pipeline.pipelines.comparison.nodes import (
-    check_params,
-    compare_divergences,
-    sweep_training_params,
-)
+from fgrpo_pipeline.pipelines.comparison.nodes import check_params, sweep_training_params
 from fgrpo_pipeline.reporting.plots import comparison_curves
 from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
 from tests.conftest import half_taught_policy
 
 BASE = {"sampled_accuracy": 0.3, "greedy_accuracy": 0.5}
+BENCHMARKS = ("sampled_accuracy", "greedy_accuracy")  # two hand-made benchmarks
 STEPS = 3
 SAMPLING = {"max_new_tokens": 3}
 TRAINING = {
@@ -59,54 +53,56 @@ def hand_made_runs() -> pd.DataFrame:
     )
 
 
-def test_summarise_relative_overall_ranks_and_spread():
-    summary = summarise(hand_made_runs(), BASE).set_index("method")
+def test_summarise_relative_overall_ranks_and_intervals():
+    summary = summarise(hand_made_runs(), BASE, benchmarks=BENCHMARKS).set_index("method")
     # sampled: base 0.3 -> 0, best 0.6 -> 100; greedy: base 0.5 -> 0, best 0.9 -> 100
     expected = {"kl": (100 + 50) / 2, "grpo": (100 / 3 + 100) / 2, "pearson": (100 + 0) / 2}
     for method, value in expected.items():
-        assert summary.loc[method, "relative_overall"] == pytest.approx(value)
+        assert summary.loc[method, "relative_overall_mean"] == pytest.approx(value)
+        low, high = summary.loc[method, ["relative_overall_ci_low", "relative_overall_ci_high"]]
+        assert low <= value + 1e-9 and value - 1e-9 <= high
     # ranks: sampled kl = pearson (1.5 each), grpo 3; greedy grpo 1, kl 2, pearson 3
     assert summary["avg_rank"].to_dict() == pytest.approx(
         {"kl": 1.75, "grpo": 2.0, "pearson": 2.25}
     )
-    assert summary.loc["kl", "accuracy_std"] == pytest.approx(math.sqrt(0.02))  # ddof 1
-    assert summary.loc["grpo", "accuracy_std"] == pytest.approx(0.0)
-    assert summary.loc["kl", "accuracy_mean"] == pytest.approx(0.6)
+    assert summary.loc["kl", "sampled_accuracy_mean"] == pytest.approx(0.6)
+    # kl's seeds are 0.5 and 0.7: the interval spans them; grpo's seeds agree: no width
+    assert summary.loc["kl", "sampled_accuracy_ci_low"] == pytest.approx(0.5)
+    assert summary.loc["kl", "sampled_accuracy_ci_high"] == pytest.approx(0.7)
+    assert summary.loc["grpo", "sampled_accuracy_ci_low"] == pytest.approx(0.4)
     assert summary.loc["grpo", "greedy_accuracy_mean"] == pytest.approx(0.9)
-    assert summary.loc["kl", "accuracy_change"] == pytest.approx(0.3)
+    assert summary.loc["kl", "sampled_accuracy_change"] == pytest.approx(0.3)
     assert summary.loc["kl", "wall_time_mean"] == pytest.approx(2.0)
+    # paired by seed: kl − grpo = 0.1, 0.3; pearson − grpo = 0.2, 0.2
+    assert summary.loc["kl", "diff_vs_grpo_mean"] == pytest.approx(0.2)
+    assert summary.loc["pearson", "diff_vs_grpo_ci_low"] == pytest.approx(0.2)
+    assert summary.loc["grpo", "diff_vs_grpo_mean"] == 0
     assert (summary["n_seeds"] == 2).all()
     assert list(summary.index) == ["kl", "grpo", "pearson"]  # best Relative Overall first
     assert summary.loc["grpo", "loss"] == "grpo" and summary.loc["kl", "divergence"] == "kl"
-    required = {
-        "accuracy_mean",
-        "accuracy_std",
-        "greedy_accuracy_mean",
-        "greedy_accuracy_std",
-        "reward_mean",
-        "kl_to_ref_mean",
-        "wall_time_mean",
-        "n_seeds",
-        "relative_overall",
-        "avg_rank",
-    }
-    assert required <= set(summary.columns)
 
 
-def test_summarise_base_is_zero_and_unbeaten_benchmarks_drop_out():
+def test_summarise_base_is_zero_and_an_unbeaten_benchmark_is_left_out():
     runs = hand_made_runs()
     at_base = runs.assign(sampled_accuracy=0.3, greedy_accuracy=0.5)
     at_base["method"] = at_base["method"].replace({"kl": "hellinger"})
     both = pd.concat([runs, at_base[at_base["method"] == "hellinger"]], ignore_index=True)
-    assert summarise(both, BASE).set_index("method").loc["hellinger", "relative_overall"] == 0
+    summary = summarise(both, BASE, benchmarks=BENCHMARKS).set_index("method")
+    assert summary.loc["hellinger", "relative_overall_mean"] == 0
 
     # nobody beats the base on greedy accuracy: Relative Overall is the sampled score alone
     worse = runs.assign(greedy_accuracy=0.4)
-    summary = summarise(worse, BASE).set_index("method")
-    assert summary.loc["kl", "relative_overall"] == pytest.approx(100)
-    assert summary.loc["grpo", "relative_overall"] == pytest.approx(100 / 3)
-    one_seed = summarise(runs[runs["seed"] == 0], BASE)
-    assert one_seed["accuracy_std"].isna().all() and (one_seed["n_seeds"] == 1).all()
+    summary = summarise(worse, BASE, benchmarks=BENCHMARKS).set_index("method")
+    assert summary.loc["kl", "relative_overall_mean"] == pytest.approx(100)
+    assert summary.loc["grpo", "relative_overall_mean"] == pytest.approx(100 / 3)
+    one_seed = summarise(runs[runs["seed"] == 0], BASE, benchmarks=BENCHMARKS)
+    assert one_seed["sampled_accuracy_ci_low"].isna().all() and (one_seed["n_seeds"] == 1).all()
+
+
+def test_summarise_without_the_second_split_scores_the_first_alone():
+    summary = summarise(hand_made_runs(), BASE).set_index("method")  # no ood columns
+    assert summary.loc["pearson", "relative_overall_mean"] == pytest.approx(100)
+    assert "ood_sampled_accuracy_mean" not in summary
 
 
 def test_equal_means_tie_despite_float_rounding():
@@ -119,7 +115,8 @@ def test_equal_means_tie_despite_float_rounding():
             "greedy_accuracy": [0.7, 0.7, 0.6, 0.6],
         }
     ).assign(mean_reward=0.0, kl_to_ref=0.0, wall_time=1.0)
-    summary = summarise(runs, {"sampled_accuracy": 0.0, "greedy_accuracy": 0.5}).set_index("method")
+    base = {"sampled_accuracy": 0.0, "greedy_accuracy": 0.5}
+    summary = summarise(runs, base, benchmarks=BENCHMARKS).set_index("method")
     assert summary["avg_rank"].to_dict() == {"kl": (1.5 + 1) / 2, "grpo": (1.5 + 2) / 2}
 
 
@@ -235,67 +232,3 @@ def test_run_comparison_trains_every_method_and_seed(policy, prompts):
     assert len(result.curves) == 4 * STEPS
     assert result.curves.groupby(["method", "seed"]).size().eq(STEPS).all()
     assert result.base["n_prompts"] == 8 and "greedy_accuracy" in result.base
-
-
-@pytest.fixture
-def tracking(tmp_path):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("comparison-test")
-    yield
-    while mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(previous)
-
-
-@pytest.mark.slow
-def test_node_logs_one_nested_child_run_per_method_and_seed(policy, prompts, tracking):
-    params = {"methods": ["kl", "grpo"], "seeds": [0, 1], "progress": False}
-    empty = pd.DataFrame(columns=["prompt", "completion"])
-    with mlflow.start_run(run_name="parent") as parent:
-        summary, runs, curves, base = compare_divergences(
-            policy, prompts, empty, empty, params, TRAINING, EVALUATION
-        )
-        assert mlflow.active_run().info.run_id == parent.info.run_id  # children all ended
-    assert len(runs) == 4 and len(summary) == 2 and len(curves) == 4 * STEPS
-    assert base["relative_overall"] == 0 and base["n_prompts"] == 8
-
-    client = MlflowClient()
-    children = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-    )
-    names = sorted(run.info.run_name for run in children)
-    assert names == ["grpo-seed0", "grpo-seed1", "kl-seed0", "kl-seed1"]
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        method, seed = child.data.tags["method"], child.data.tags["seed"]
-        assert child.data.params["seed"] == seed and child.data.params["steps"] == str(STEPS)
-        assert child.data.params["loss"] == ("grpo" if method == "grpo" else "f_grpo")
-        history = client.get_metric_history(child.info.run_id, "train/reward_mean")
-        assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
-        assert 0 <= child.data.metrics["eval/sampled_accuracy"] <= 1
-    parent_metrics = client.get_run(parent.info.run_id).data.metrics
-    assert parent_metrics["comparison/base/sampled_accuracy"] == base["sampled_accuracy"]
-    assert "comparison/kl/relative_overall" in parent_metrics or math.isnan(
-        summary.set_index("method").loc["kl", "relative_overall"]
-    )
-
-
-@pytest.mark.slow
-def test_node_without_an_active_run_does_not_touch_mlflow(policy, prompts, monkeypatch):
-    assert mlflow.active_run() is None
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("MLflow used without an active run")
-
-    monkeypatch.setattr(mlflow, "start_run", forbidden)
-    monkeypatch.setattr(mlflow, "log_metrics", forbidden)
-    params = {"methods": ["kl"], "seeds": [0], "progress": False}
-    empty = pd.DataFrame(columns=["prompt", "completion"])
-    training = {**TRAINING, "steps": 1}
-    summary, runs, _, _ = compare_divergences(
-        policy, prompts, empty, empty, params, training, EVALUATION
-    )
-    assert len(runs) == 1 and summary["method"].tolist() == ["kl"]

@@ -107,6 +107,7 @@ def test_the_sweep_trains_every_lambda_and_reports_base_first(setting):
         preferences=preferences,
         lams=[0.0, 1.0],
         seeds=[0, 1],
+        hal_scalings=["paper", "balanced"],
         training_params={
             "steps": 3,
             "prompts_per_step": 4,
@@ -119,31 +120,54 @@ def test_the_sweep_trains_every_lambda_and_reports_base_first(setting):
         on_run_start=lambda lam, seed, config: starts.append((lam, seed, config.loss.lam)),
         progress=False,
     )
-    assert starts == [(0.0, 0, 0.0), (0.0, 1, 0.0), (1.0, 0, 1.0), (1.0, 1, 1.0)]
+    # λ = 1 has no on-policy term: it runs once, under the first scaling
+    assert starts == [
+        (0.0, 0, 0.0),
+        (0.0, 1, 0.0),
+        (1.0, 0, 1.0),
+        (1.0, 1, 1.0),
+        (0.0, 0, 0.0),
+        (0.0, 1, 0.0),
+    ]
     table = result.table
-    assert table["lam"].tolist() == ["base", "0", "1"]
-    assert set(METRICS) <= set(table.columns)
-    assert table.loc[0, "kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # base vs itself
-    assert table["n_seeds"].tolist() == [0, 2, 2]
-    assert len(result.runs) == 4 and result.runs["reward_hacking_steps"].between(0, 1).all()
-    assert set(result.curves["method"]) == {"lam=0", "lam=1"}
-    assert len(result.curves) == 4 * 3
-    assert list(result.hidden) == ["base", "lam=0", "lam=1"]
-    for metric in ("gold_score", "attack_success_rate", "over_refusal_rate"):
-        assert table[metric].between(0, 1).all()
-
-
-def test_safety_table_means_over_seeds_with_std():
-    runs = pd.DataFrame(
-        {"lam": ["0", "0", "1"], **{m: [1.0, 3.0, 5.0] for m in METRICS}},
+    assert table["arm"].tolist() == ["base", "lam=0,paper", "lam=1,paper", "lam=0,balanced"]
+    assert table["hal_scaling"].tolist() == ["", "paper", "paper", "balanced"]
+    assert {f"{m}_{part}" for m in METRICS for part in ("mean", "ci_low", "ci_high")} <= set(
+        table.columns
     )
-    base = dict.fromkeys(METRICS, 0.5)
-    table = safety_table(runs, base)
-    assert table["lam"].tolist() == ["base", "0", "1"]
-    assert table.loc[1, "gold_score"] == 2.0
-    assert table.loc[1, "gold_score_std"] == pytest.approx(math.sqrt(2))
-    assert math.isnan(table.loc[2, "gold_score_std"])  # one seed: no spread
-    assert table.loc[0, "rm_reward"] == 0.5
+    assert table.loc[0, "kl_to_ref_mean"] == pytest.approx(0.0, abs=1e-5)  # base vs itself
+    assert table["n_seeds"].tolist() == [0, 2, 2, 2]
+    assert table.loc[1, "diff_vs_lam0_mean"] == 0  # λ = 0 against itself
+    assert len(result.runs) == 6 and result.runs["reward_hacking_steps"].between(0, 1).all()
+    assert set(result.curves["method"]) == {"lam=0,paper", "lam=1,paper", "lam=0,balanced"}
+    assert len(result.curves) == 6 * 3
+    assert list(result.hidden) == ["base", "lam=0,paper", "lam=1,paper", "lam=0,balanced"]
+    for metric in ("gold_score", "attack_success_rate", "over_refusal_rate"):
+        assert table[f"{metric}_mean"].between(0, 1).all()
+
+
+def test_safety_table_intervals_and_paired_differences_to_lambda_0_per_scaling():
+    runs = pd.DataFrame(
+        {
+            "arm": ["lam=0,paper"] * 2 + ["lam=0.5,paper"] * 2 + ["lam=0.5,balanced"] * 2,
+            "lam": [0.0, 0.0, 0.5, 0.5, 0.5, 0.5],
+            "hal_scaling": ["paper"] * 4 + ["balanced"] * 2,
+            "seed": [0, 1] * 3,
+            **{m: [1.0, 3.0, 2.0, 6.0, 5.0, 5.0] for m in METRICS},
+        }
+    )
+    table = safety_table(runs, dict.fromkeys(METRICS, 0.5)).set_index("arm")
+    assert list(table.index) == ["base", "lam=0,paper", "lam=0.5,paper", "lam=0.5,balanced"]
+    assert table.loc["lam=0,paper", "gold_score_mean"] == 2.0
+    assert table.loc["lam=0,paper", "gold_score_ci_low"] == 1.0  # two seeds: their range
+    assert table.loc["lam=0,paper", "gold_score_ci_high"] == 3.0
+    # paired by seed: (2 − 1, 6 − 3) → mean 2
+    assert table.loc["lam=0.5,paper", "diff_vs_lam0_mean"] == 2.0
+    assert table.loc["lam=0.5,paper", "bhattacharyya_diff_mean"] == 2.0
+    # no λ = 0 under balanced: nothing to pair with
+    assert math.isnan(table.loc["lam=0.5,balanced", "diff_vs_lam0_mean"])
+    assert table.loc["base", "rm_reward_mean"] == 0.5 and table.loc["base", "n_seeds"] == 0
+    assert table.loc["lam=0.5,balanced", "lam"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -204,27 +228,30 @@ SAFETY_RUN = {
         "monitor": {"window": 2},
     },
     "safety_evaluation": {"k_samples": 1, "max_prompts": 16},
-    "safety_comparison": {"lams": [0.0, 1.0], "seeds": [0], "progress": False},
+    "safety_comparison": {
+        "lams": [0.0, 1.0],
+        "hal_scalings": ["paper", "balanced"],
+        "seeds": [0, 1],
+        "progress": False,
+    },
 }
 
 
-def test_safety_comparison_pipeline_writes_the_table_and_one_child_run_per_lambda(project_copy):
+def test_safety_comparison_pipeline_writes_the_table_and_one_child_run_per_arm(project_copy):
     run_kedro(project_copy, "safety_comparison", SAFETY_RUN)
     table = pd.read_csv(project_copy / "data/08_reporting/safety_comparison.csv")
-    assert table["lam"].astype(str).tolist() == ["base", "0", "1"]
-    for column in (
-        "rm_reward",
-        "gold_score",
-        "attack_success_rate",
-        "over_refusal_rate",
-        "bhattacharyya",
-        "kl_to_ref",
-    ):
-        assert table[column].notna().all(), column
+    assert table["arm"].tolist() == ["base", "lam=0,paper", "lam=1,paper", "lam=0,balanced"]
+    assert table["n_seeds"].tolist() == [0, 2, 2, 2]
+    for metric in METRICS:
+        assert table[f"{metric}_mean"].notna().all(), metric
+        assert table[f"{metric}_ci_low"].iloc[1:].notna().all(), metric
+    assert table["diff_vs_lam0_mean"].iloc[1:].notna().all()
     for name in (
         "safety_comparison_curves",
         "safety_comparison_latent_separation",
         "safety_comparison_plot",
+        "safety_comparison_pareto",
+        "safety_comparison_separation",
     ):
         assert (project_copy / f"data/08_reporting/{name}.png").stat().st_size > 0
     report = pd.read_json(project_copy / "data/08_reporting/reward_model.json", typ="series")
@@ -239,12 +266,16 @@ def test_safety_comparison_pipeline_writes_the_table_and_one_child_run_per_lambd
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
-    assert sorted(c.data.tags["lam"] for c in children) == ["0", "1"]
+    assert sorted(c.data.tags["lam"] for c in children) == ["0", "0", "0", "0", "1", "1"]
+    assert sorted(c.info.run_name for c in children)[:2] == [
+        "lam=0,balanced-seed0",
+        "lam=0,balanced-seed1",
+    ]
     for child in children:
         history = client.get_metric_history(child.info.run_id, "train/reward_hacking")
         assert [m.step for m in history] == list(range(1, 7))
         assert "eval/gold_score" in child.data.metrics
-    assert "safety/base/bhattacharyya" in parent.data.metrics
+    assert "safety.base/bhattacharyya_mean" in parent.data.metrics
     assert parent.data.tags["lam"] == "sweep"
 
 

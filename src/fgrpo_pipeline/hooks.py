@@ -11,6 +11,7 @@ from fgrpo_pipeline.algorithms.labeling import LabelingConfig
 from fgrpo_pipeline.experiments.divergence_sweep import DivergenceSweepParams
 from fgrpo_pipeline.experiments.safety_sweep import SafetySweepParams
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
+from fgrpo_pipeline.pipelines.arms import remember_session_params
 from fgrpo_pipeline.pipelines.base_policy.params import BasePolicyConfig
 from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.pipelines.rollout_generation.nodes import RolloutGenerationConfig
@@ -68,6 +69,17 @@ PARAMETER_CLASSES = {
     "comparison": DivergenceSweepParams,
     "safety_comparison": SafetySweepParams,
 }
+
+
+class SweepLayoutHook:
+    """Hands the session's parameters to the sweeps' pipelines (their arms are nodes, built
+    from the sweep blocks when the pipelines are registered, which follows this hook)."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        # the loader's (runtime --params merged in): ``context.params`` would register the
+        # pipelines first, to validate the parameters against them
+        remember_session_params(context.config_loader["parameters"])
 
 
 class ParameterValidationHook:

@@ -85,18 +85,21 @@ def filter_third_party_warnings() -> None:
 filter_third_party_warnings()
 
 # Imported after the filters on purpose: these imports load MLflow and kedro-mlflow.
-from fgrpo_pipeline.hooks import ParameterValidationHook  # noqa: E402
+from fgrpo_pipeline.hooks import ParameterValidationHook, SweepLayoutHook  # noqa: E402
 from fgrpo_pipeline.tracking import (  # noqa: E402
     MlflowArtifactHook,
     MlflowAvailabilityHook,
     MlflowModelHook,
 )
+from fgrpo_pipeline.tracking.sweep_runs import SweepRunHook  # noqa: E402
 
 HOOKS = (
+    SweepLayoutHook(),
     MlflowAvailabilityHook(),
     ParameterValidationHook(),
     MlflowArtifactHook(),
     MlflowModelHook(),
+    SweepRunHook(),
 )
 
 CONFIG_LOADER_ARGS = {

@@ -6,7 +6,12 @@ policy and is evaluated on the held-out prompts with
 :func:`fgrpo_pipeline.heldout.evaluate.evaluate_policy`; the base policy is evaluated once
 and is the 0 of the **Relative Overall** score (paper): per benchmark, method means are
 min–max normalised with the base at 0 and the best method at 100, then averaged over the
-benchmarks. Our two "benchmarks" are held-out sampled accuracy (pass@1) and greedy accuracy.
+benchmarks. The benchmarks are pass@1 (sampled accuracy) on the held-out problems of two
+difficulties, sums without and with a carry (the ``difficulty`` strata of ``test``), and on
+``ood`` (sums beyond the training range) where some method beats the base there; a task
+without them (GSM8K) is scored on its held-out split whole. Every metric is
+summarised over seeds with a 95 % bootstrap interval, and paired by seed against GRPO
+(:mod:`fgrpo_pipeline.experiments.statistics`).
 
 A method is a divergence name (loss ``f_grpo`` with that divergence) or ``grpo``. The seed
 is the training seed (prompt order, sampling); the base policy is the same for every run.
@@ -19,10 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from fgrpo_pipeline.algorithms.divergences import divergence_names
 from fgrpo_pipeline.experiments import sweep
+from fgrpo_pipeline.experiments.statistics import relative_overall_intervals, summarise_arms
 from fgrpo_pipeline.experiments.sweep import (
     Arm,
     ArmResult,
@@ -37,7 +44,7 @@ from fgrpo_pipeline.experiments.sweep import (
     plan_sweep,
     run_sweep,
 )
-from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_splits
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.training.preferences import PreferenceData
 
@@ -45,22 +52,33 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "grpo"
 SWEPT_KEYS = ("loss", "divergence", "seed")  # set per run by the sweep
-# summary column -> key of the evaluation metrics: the "benchmarks" of Relative Overall
-BENCHMARKS = {"accuracy_mean": "sampled_accuracy", "greedy_accuracy_mean": "greedy_accuracy"}
+# Relative Overall's benchmarks, those the runs have: pass@1 on the held-out split's easy and
+# hard problems (sums without / with a carry) and on the ood split; else on the split whole
+BENCHMARKS = ("no_carry_sampled_accuracy", "carry_sampled_accuracy", "ood_sampled_accuracy")
+FALLBACK_BENCHMARKS = ("sampled_accuracy",)
 HELD_OUT = ("sampled_accuracy", "greedy_accuracy", "mean_reward", "kl_to_ref", "completion_length")
+# per benchmark, when evaluated (NaN otherwise)
+BENCHMARK_COLUMNS = tuple(
+    f"{part}_{kind}_accuracy"
+    for part in ("no_carry", "carry", "ood")
+    for kind in ("sampled", "greedy")
+)
+FINALS = ("train_reward_final", "train_accuracy_final")
+TIMES = ("train_time", "eval_time", "wall_time")
 RUN_COLUMNS = (
     "method",
     "loss",
     "divergence",
     "seed",
     *HELD_OUT,
-    "train_reward_final",
-    "train_accuracy_final",
+    *BENCHMARK_COLUMNS,
+    *FINALS,
     "steps",
-    "train_time",
-    "eval_time",
-    "wall_time",
+    *TIMES,
 )
+# summarised with intervals, in this order (those the runs have)
+SUMMARY_METRICS = (*HELD_OUT[:2], *BENCHMARK_COLUMNS, *HELD_OUT[2:], *FINALS)
+DIFF_METRIC = "sampled_accuracy"  # diff_vs_grpo_* is the paired difference of this metric
 CURVE_COLUMNS = ("method", "seed", "step", "reward_mean", "accuracy", "kl_to_ref")
 TIE_DECIMALS = 9  # method means equal to this many decimals tie in avg_rank
 
@@ -127,23 +145,46 @@ class ComparisonResult:
     metrics: dict[tuple[str, int], pd.DataFrame] = field(default_factory=dict)
 
 
-def run_row(result: ArmResult[dict[str, Any]]) -> dict[str, Any]:
-    """A run's row of the runs table (``RUN_COLUMNS``)."""
-    loss, divergence = method_loss(result.arm.label)
-    held_out, metrics = result.evaluation, result.metrics
+def method_row(
+    method: str,
+    seed: int,
+    held_out: Mapping[str, Any],
+    metrics: pd.DataFrame,
+    *,
+    steps: int,
+    train_time: float,
+    eval_time: float,
+) -> dict[str, Any]:
+    """One (method, seed)'s row of the runs table (``RUN_COLUMNS``; a benchmark's columns are
+    NaN where the runs were not evaluated on it)."""
+    loss, divergence = method_loss(method)
     return {
-        "method": result.arm.label,
+        "method": method,
         "loss": loss,
         "divergence": divergence,
-        "seed": result.seed,
+        "seed": seed,
         **{k: held_out[k] for k in HELD_OUT},
+        **{k: held_out.get(k, float("nan")) for k in BENCHMARK_COLUMNS},
         "train_reward_final": final_mean(metrics, "reward_mean"),
         "train_accuracy_final": final_mean(metrics, "accuracy"),
-        "steps": result.config.steps,
-        "train_time": result.train_time,
-        "eval_time": result.eval_time,
-        "wall_time": result.wall_time,
+        "steps": steps,
+        "train_time": train_time,
+        "eval_time": eval_time,
+        "wall_time": train_time + eval_time,
     }
+
+
+def run_row(result: ArmResult[dict[str, Any]]) -> dict[str, Any]:
+    """A finished run's row of the runs table (:func:`method_row`)."""
+    return method_row(
+        result.arm.label,
+        result.seed,
+        result.evaluation,
+        result.metrics,
+        steps=result.config.steps,
+        train_time=result.train_time,
+        eval_time=result.eval_time,
+    )
 
 
 def _describe(report: Mapping[str, Any]) -> str:
@@ -182,7 +223,7 @@ def run_comparison(
     plan = plan_sweep([method_arm(m) for m in methods], seeds, training_params)
 
     def evaluate(policy: Policy) -> dict[str, Any]:
-        return evaluate_policy(policy, base_policy, test_prompts, evaluation_config)[0]
+        return evaluate_splits(policy, base_policy, test_prompts, evaluation_config)[0]
 
     result = run_sweep(
         plan,
@@ -213,73 +254,102 @@ def curves_table(metrics_by_run: Mapping[tuple[str, int], pd.DataFrame]) -> pd.D
     return sweep.curves_table(metrics_by_run, CURVE_COLUMNS)
 
 
-def summarise(runs: pd.DataFrame, base: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per method, best Relative Overall first.
+def summarise(
+    runs: pd.DataFrame,
+    base: Mapping[str, Any],
+    *,
+    benchmarks: Sequence[str] = BENCHMARKS,
+    baseline: str = BASELINE,
+    **options: Any,
+) -> pd.DataFrame:
+    """One row per method, best Relative Overall first; ``options`` go to the bootstrap.
 
-    ``runs`` needs columns method, seed, sampled_accuracy, greedy_accuracy, mean_reward,
-    kl_to_ref, wall_time (loss and divergence are carried over when present); ``base`` the
-    base policy's sampled_accuracy and greedy_accuracy.
+    ``runs`` has one row per method × seed (columns method, seed and the metrics, as
+    :func:`method_row` makes them); ``base`` the base policy's values of the benchmarks. A
+    seed fixes the base policy and the prompt order of every method, so methods are paired
+    by seed.
 
-    * ``*_mean`` / ``*_std``: mean and sample standard deviation (ddof 1, NaN for one seed)
-      over seeds; ``accuracy`` is held-out sampled accuracy (pass@1), ``reward_mean`` the
-      held-out mean reward, ``wall_time_mean`` seconds per run (training + evaluation).
-    * ``relative_overall``: per benchmark (sampled and greedy accuracy), 100 · (method mean −
-      base) / (best method mean − base), averaged over benchmarks. A benchmark on which no
-      method beats the base cannot be normalised and is left out (NaN if none is left).
-    * ``avg_rank``: per benchmark, rank of the method mean (1 = best; means equal to
-      ``TIE_DECIMALS`` decimals tie and share the average rank), averaged over benchmarks.
+    * ``n_seeds``; ``<metric>_mean`` / ``_ci_low`` / ``_ci_high``: the mean over seeds and its
+      95 % bootstrap interval, for every metric of ``SUMMARY_METRICS`` the runs have;
+    * ``<metric>_diff_mean`` / ``_ci_low`` / ``_ci_high``: the paired difference to
+      ``baseline`` (GRPO), and ``diff_vs_<baseline>_*`` that of ``DIFF_METRIC``;
+    * ``<benchmark>_change``: mean minus the base policy's value;
+    * ``relative_overall_mean`` / ``_ci_low`` / ``_ci_high``: per benchmark, 100 · (method mean −
+      base) / (best method mean − base), averaged over the benchmarks (:func:`_benchmarks`:
+      those the runs have and some method beats the base on); the interval resamples whole
+      seeds;
+    * ``avg_rank``: per benchmark the rank of the method mean (1 = best; means equal to
+      ``TIE_DECIMALS`` decimals tie), averaged over the benchmarks;
+    * ``wall_time_mean``: seconds per run (training + evaluation), when the runs have it.
     """
-    needed = {"method", "sampled_accuracy", "greedy_accuracy", "mean_reward", "kl_to_ref"}
-    missing = sorted((needed | {"wall_time"}) - set(runs.columns))
-    if missing:
-        raise ValueError(f"runs table lacks column(s) {missing}")
     if runs.empty:
         raise ValueError("runs table is empty")
-    for key in BENCHMARKS.values():
-        if key not in base:
-            raise ValueError(f"base metrics lack {key!r}")
-
-    grouped = runs.groupby("method", sort=False)
-    summary = pd.DataFrame(
-        {
-            "n_seeds": grouped.size(),
-            "accuracy_mean": grouped["sampled_accuracy"].mean(),
-            "accuracy_std": grouped["sampled_accuracy"].std(ddof=1),
-            "greedy_accuracy_mean": grouped["greedy_accuracy"].mean(),
-            "greedy_accuracy_std": grouped["greedy_accuracy"].std(ddof=1),
-            "reward_mean": grouped["mean_reward"].mean(),
-            "kl_to_ref_mean": grouped["kl_to_ref"].mean(),
-            "wall_time_mean": grouped["wall_time"].mean(),
-        }
+    benchmarks = _benchmarks(runs, base, benchmarks)
+    metrics = [m for m in SUMMARY_METRICS if m in runs and runs[m].notna().all()]
+    methods = list(dict.fromkeys(runs["method"]))
+    table = summarise_arms(
+        runs,
+        metrics,
+        arm="method",
+        baseline=baseline if baseline in methods else None,
+        diff_metric=DIFF_METRIC,
+        **options,
     )
-    summary["accuracy_change"] = summary["accuracy_mean"] - base["sampled_accuracy"]
-    summary["greedy_accuracy_change"] = summary["greedy_accuracy_mean"] - base["greedy_accuracy"]
-
-    scores, ranks = [], []
-    for column, key in BENCHMARKS.items():
-        span = summary[column].max() - float(base[key])
-        if span > 0:
-            scores.append(100.0 * (summary[column] - float(base[key])) / span)
-        else:
-            logger.warning("no method beats the base on %s: left out of relative_overall", key)
-        # rounded: means of equal counts can differ in the last bit and must still tie
-        ranks.append(summary[column].round(TIE_DECIMALS).rank(ascending=False, method="average"))
-    summary["relative_overall"] = pd.concat(scores, axis=1).mean(axis=1) if scores else float("nan")
-    summary["avg_rank"] = pd.concat(ranks, axis=1).mean(axis=1)
-
-    summary = summary.reset_index()
-    if {"loss", "divergence"} <= set(runs.columns):
-        labels = runs.drop_duplicates("method")[["method", "loss", "divergence"]]
-    else:
-        labels = pd.DataFrame(
-            [(m, *_method_loss_or_none(m)) for m in summary["method"]],
-            columns=["method", "loss", "divergence"],
-        )
-    summary = labels.merge(summary, on="method", how="right")
-    summary = summary.sort_values(
-        ["relative_overall", "avg_rank"], ascending=[False, True], kind="stable"
+    for name in benchmarks:
+        table[f"{name}_change"] = table[f"{name}_mean"] - float(base[name])
+    _put_relative_overall(table, runs, methods, benchmarks, base, options)
+    means = table[[f"{b}_mean" for b in benchmarks]].round(TIE_DECIMALS)
+    table["avg_rank"] = means.rank(ascending=False, method="average").mean(axis=1)
+    if "wall_time" in runs:
+        table["wall_time_mean"] = table["method"].map(runs.groupby("method")["wall_time"].mean())
+    labels = [_method_loss_or_none(m) for m in table["method"]]
+    table.insert(1, "loss", [loss for loss, _ in labels])
+    table.insert(2, "divergence", [divergence for _, divergence in labels])
+    table = table.sort_values(
+        ["relative_overall_mean", "avg_rank"], ascending=[False, True], kind="stable"
     )
-    return summary.reset_index(drop=True)
+    return table.reset_index(drop=True)
+
+
+def _benchmarks(runs: pd.DataFrame, base: Mapping[str, Any], wanted: Sequence[str]) -> list[str]:
+    """The benchmarks Relative Overall averages: those of ``wanted`` every run has (else
+    ``FALLBACK_BENCHMARKS``), less those no method beats the base on (they cannot be
+    normalised: best − base ≤ 0)."""
+    present = [b for b in wanted if b in runs and runs[b].notna().all()]
+    present = present or [b for b in FALLBACK_BENCHMARKS if b in runs]
+    if not present:
+        raise ValueError(f"runs table has none of the benchmark columns {list(wanted)}")
+    if missing := [b for b in present if b not in base]:
+        raise ValueError(f"base metrics lack {missing}")
+    means = runs.groupby("method")[present].mean()
+    beaten = [b for b in present if means[b].max() > float(base[b])]
+    for name in sorted(set(present) - set(beaten)):
+        logger.warning("no method beats the base on %s: left out of relative_overall", name)
+    return beaten or present
+
+
+def _put_relative_overall(
+    table: pd.DataFrame,
+    runs: pd.DataFrame,
+    methods: list[str],
+    benchmarks: list[str],
+    base: Mapping[str, Any],
+    options: Mapping[str, Any],
+) -> None:
+    """Relative Overall with its interval over the seeds every method ran."""
+    by_run = runs.set_index(["method", "seed"])
+    seeds = sorted(set.intersection(*(set(runs.loc[runs["method"] == m, "seed"]) for m in methods)))
+    if not seeds:
+        raise ValueError("Relative Overall pairs methods by seed: no seed has every method")
+    accuracy = np.array(
+        [[by_run.loc[(m, s), benchmarks].to_numpy(float) for m in methods] for s in seeds]
+    )
+    base_values = np.tile([float(base[b]) for b in benchmarks], (len(seeds), 1))
+    intervals = relative_overall_intervals(accuracy, base_values, **options)
+    intervals = dict(zip(methods, intervals, strict=True))
+    for part in ("mean", "low", "high"):
+        column = "relative_overall_" + ("mean" if part == "mean" else f"ci_{part}")
+        table[column] = [getattr(intervals[m], part) for m in table["method"]]
 
 
 def _method_loss_or_none(method: str) -> tuple[str | None, str | None]:

@@ -1,4 +1,4 @@
-"""The safety comparison: f-HAL at several λ against the base policy, S seeds.
+"""The safety comparison: f-HAL at several λ and ``hal_scaling`` forms, S seeds.
 
 Plain Python/torch (no Kedro, no MLflow). A λ is an arm of the sweep engine
 (:mod:`fgrpo_pipeline.experiments.sweep`): each (λ, seed) trains a copy of the same base
@@ -8,6 +8,11 @@ preference data; λ = 0 is pure f-GRPO, λ = 1 pure FDO. The gold judge only mea
 step on the training rollouts (the reward-hacking monitor) and on the held-out prompts.
 Latent separation is the Bhattacharyya distance between the harmful and benign anchor
 prompts' last-layer hidden states.
+
+An arm is a (λ, scaling) pair; λ = 1 has no on-policy term, so the scaling does not apply and
+it runs once, under the first scaling listed. Every metric is summarised over seeds with a
+95 % bootstrap interval and paired by seed against λ = 0 of the same scaling
+(:mod:`fgrpo_pipeline.experiments.statistics`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from typing import Any, ClassVar
 import pandas as pd
 import torch
 
+from fgrpo_pipeline.algorithms.losses import HAL_SCALINGS
 from fgrpo_pipeline.algorithms.rewards import RewardFn
+from fgrpo_pipeline.experiments.statistics import summarise_arms
 from fgrpo_pipeline.experiments.sweep import (
     Arm,
     ArmResult,
@@ -47,7 +54,8 @@ from fgrpo_pipeline.training.preferences import PreferenceData
 logger = logging.getLogger(__name__)
 
 LOSS = "f_hal"
-SWEPT_KEYS = ("loss", "lam", "seed")  # set per run by the sweep
+SWEPT_KEYS = ("loss", "lam", "hal_scaling", "seed")  # set per run by the sweep
+DIFF_METRIC = "gold_score"  # diff_vs_lam0_* is the paired difference of this metric
 MONITOR_KEY, JUDGE_KEY = "monitor", "judge"  # beside the trainer's keys, not its own
 # The table's metric columns, in order: mean over seeds, and ``<name>_std`` beside each.
 METRICS = (
@@ -60,7 +68,9 @@ METRICS = (
 )
 EXTRA_METRICS = ("greedy_gold_score", "refusal_rate", "neither_rate")
 RUN_COLUMNS = (
+    "arm",
     "lam",
+    "hal_scaling",
     "seed",
     *METRICS,
     *EXTRA_METRICS,
@@ -99,9 +109,25 @@ class SafetySweepParams(SweepParams):
     )
 
     lams: list = field(default_factory=list)
+    hal_scalings: list = field(default_factory=lambda: ["paper"])
 
     def check(self) -> None:
         check_lams_and_seeds(self.lams, self.seeds)
+        check_distinct(self.hal_scalings, "hal_scalings", "names", _check_scaling)
+
+    def arms(self) -> list[Arm]:
+        """Every (λ, scaling) arm, scaling by scaling; λ = 1 only under the first scaling."""
+        return [
+            lam_arm(lam, scaling)
+            for i, scaling in enumerate(self.hal_scalings)
+            for lam in self.lams
+            if not (lam == 1 and i > 0)
+        ]
+
+
+def _check_scaling(scaling: Any) -> None:
+    if scaling not in HAL_SCALINGS:
+        raise ValueError(f"hal_scalings: {scaling!r} is unknown; valid: {', '.join(HAL_SCALINGS)}")
 
 
 def check_lams_and_seeds(lams: Sequence[float], seeds: Sequence[int]) -> None:
@@ -110,9 +136,10 @@ def check_lams_and_seeds(lams: Sequence[float], seeds: Sequence[int]) -> None:
     check_seeds(seeds)
 
 
-def lam_arm(lam: float) -> Arm:
-    """The arm of a λ: loss f_hal at that λ, labelled ``lam=<λ>`` (curves, hidden states)."""
-    return Arm(f"lam={lam_label(lam)}", {"loss": LOSS, "lam": float(lam)})
+def lam_arm(lam: float, scaling: str = "paper") -> Arm:
+    """The arm of a λ and scaling: loss f_hal at that λ, labelled ``lam=<λ>,<scaling>``."""
+    overrides = {"loss": LOSS, "lam": float(lam), "hal_scaling": scaling}
+    return Arm(f"lam={lam_label(lam)},{scaling}", overrides)
 
 
 def safety_training_options(
@@ -203,19 +230,40 @@ class SafetyComparisonResult:
     hidden: dict[str, Hidden]
 
 
-def run_row(result: ArmResult[tuple[dict[str, float], Hidden]]) -> dict[str, Any]:
-    """A run's row of the runs table (``RUN_COLUMNS``)."""
-    report, metrics = result.evaluation[0], result.metrics
+def lam_row(
+    arm: Arm,
+    seed: int,
+    report: Mapping[str, float],
+    metrics: pd.DataFrame,
+    *,
+    train_time: float,
+    eval_time: float,
+) -> dict[str, Any]:
+    """One (λ, scaling, seed)'s row of the runs table (``RUN_COLUMNS``)."""
     return {
-        "lam": lam_label(result.arm.overrides["lam"]),
-        "seed": result.seed,
+        "arm": arm.label,
+        "lam": arm.overrides["lam"],
+        "hal_scaling": arm.overrides["hal_scaling"],
+        "seed": seed,
         **{k: report[k] for k in (*METRICS, *EXTRA_METRICS)},
         "train_rm_reward_final": final_mean(metrics, "rm_reward"),
         "train_gold_score_final": final_mean(metrics, "gold_score"),
         "reward_hacking_steps": float(metrics["reward_hacking"].mean()),
-        "train_time": result.train_time,
-        "eval_time": result.eval_time,
+        "train_time": train_time,
+        "eval_time": eval_time,
     }
+
+
+def run_row(result: ArmResult[tuple[dict[str, float], Hidden]]) -> dict[str, Any]:
+    """A finished run's row of the runs table (:func:`lam_row`)."""
+    return lam_row(
+        result.arm,
+        result.seed,
+        result.evaluation[0],
+        result.metrics,
+        train_time=result.train_time,
+        eval_time=result.eval_time,
+    )
 
 
 def _describe(evaluation: tuple[dict[str, float], Hidden]) -> str:
@@ -237,6 +285,7 @@ def run_safety_comparison(
     seeds: Sequence[int],
     training_params: Mapping[str, Any],
     evaluation_config: EvaluationConfig,
+    hal_scalings: Sequence[str] = ("paper",),
     monitor: Mapping[str, Any] | None = None,
     train_judge: GoldJudge = gold_judge,
     eval_judge: GoldJudge = gold_judge,
@@ -258,7 +307,8 @@ def run_safety_comparison(
     check_prompts("safety comparison", train_prompts, test_prompts)
     monitor = dict(monitor or {})
     RewardHackingMonitor(**monitor)  # options checked before any work
-    plan = plan_sweep([lam_arm(lam) for lam in lams], seeds, training_params)
+    arms = SafetySweepParams(seeds=list(seeds), lams=list(lams), hal_scalings=list(hal_scalings))
+    plan = plan_sweep(arms.arms(), seeds, training_params)
 
     def evaluate(policy: Policy) -> tuple[dict[str, float], Hidden]:
         report, _, hidden = evaluate_safety(
@@ -299,18 +349,36 @@ def run_safety_comparison(
     )
 
 
-def safety_table(runs: pd.DataFrame, base: Mapping[str, float]) -> pd.DataFrame:
-    """One row for the base (``lam`` = ``base``) and one per λ: the mean over seeds of
-    each metric, ``<metric>_std`` (sample std, NaN for one seed) and ``n_seeds``."""
-    missing = sorted({"lam", *METRICS} - set(runs.columns))
+def safety_table(runs: pd.DataFrame, base: Mapping[str, float], **options: Any) -> pd.DataFrame:
+    """One row for the base policy (``arm`` = ``base``, no intervals) and one per arm, with
+    ``options`` for the bootstrap.
+
+    ``runs`` has one row per arm × seed (columns arm, lam, hal_scaling, seed and ``METRICS``,
+    as :func:`lam_row` makes them). Per arm: ``n_seeds``; ``<metric>_mean`` / ``_ci_low`` /
+    ``_ci_high`` (95 % bootstrap over seeds); ``<metric>_diff_*``, the paired difference to
+    λ = 0 of the same scaling, and ``diff_vs_lam0_*`` that of ``DIFF_METRIC`` (none for a
+    scaling without a λ = 0 arm)."""
+    missing = sorted({"arm", "lam", "hal_scaling", "seed", *METRICS} - set(runs.columns))
     if missing:
         raise ValueError(f"runs table lacks column(s) {missing}")
-    grouped = runs.groupby("lam", sort=False)
-    table = grouped[list(METRICS)].mean()
-    for name in METRICS:
-        table[f"{name}_std"] = grouped[name].std(ddof=1)
-    table["n_seeds"] = grouped.size()
-    table = table.reset_index()
-    base_row = {"lam": "base", **{k: base[k] for k in METRICS}, "n_seeds": 0}
-    ordered = ["lam", *METRICS, *(f"{m}_std" for m in METRICS), "n_seeds"]
-    return pd.concat([pd.DataFrame([base_row]), table], ignore_index=True)[ordered]
+    tables = []
+    for scaling, rows in runs.groupby("hal_scaling", sort=False):
+        zero = rows.loc[rows["lam"] == 0, "arm"]
+        table = summarise_arms(
+            rows,
+            list(METRICS),
+            arm="arm",
+            baseline=zero.iloc[0] if len(zero) else None,
+            diff_metric=DIFF_METRIC,
+            **options,
+        )
+        if len(zero):
+            prefix = f"diff_vs_{zero.iloc[0]}_"
+            table.columns = [c.replace(prefix, "diff_vs_lam0_") for c in table.columns]
+        tables.append(table.assign(hal_scaling=scaling))
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(1, "lam", table["arm"].map(runs.drop_duplicates("arm").set_index("arm")["lam"]))
+    table.insert(2, "hal_scaling", table.pop("hal_scaling"))
+    base_row = {"arm": "base", "lam": float("nan"), "hal_scaling": "", "n_seeds": 0}
+    base_row |= {f"{k}_mean": base[k] for k in METRICS}
+    return pd.concat([pd.DataFrame([base_row]), table], ignore_index=True)[list(table.columns)]

@@ -347,15 +347,28 @@ def finished_run(
     return finished
 
 
-def _train_and_evaluate(
+@dataclass
+class TrainedArm:
+    """One run's training: the trained policy, its per-step metrics, its training time
+    (seconds) and its wall-clock start (epoch seconds)."""
+
+    policy: Policy
+    metrics: pd.DataFrame
+    train_time: float
+    started: float
+
+
+def train_arm(
     run: SweepRun,
     base_policy: Policy,
     train_prompts: pd.DataFrame,
-    evaluate: Callable[[Policy], E],
-    training: Training,
-    progress: bool,
-) -> ArmResult[E]:
-    """One run; its trained policy rides on the result until ``on_arm`` has seen it."""
+    training: Training | None = None,
+    *,
+    progress: bool = True,
+) -> TrainedArm:
+    """Train a copy of ``base_policy`` as ``run`` says: one arm × seed of a sweep, on its own
+    (the Kedro layer runs each as a node) or inside :func:`run_sweep`."""
+    training = training or Training()
     started, t0 = time.time(), time.perf_counter()
     trained = train(
         base_policy,
@@ -367,17 +380,34 @@ def _train_and_evaluate(
         correctness_fn=training.correctness_fn,
         monitors=list(training.monitors()),
     )
-    t1 = time.perf_counter()
+    return TrainedArm(trained.policy, trained.metrics, time.perf_counter() - t0, started)
+
+
+def plan_arm(arm: Arm, seed: int, training_params: Mapping[str, Any]) -> SweepRun:
+    """The one run of ``arm`` at ``seed``, validated (:func:`plan_sweep` of one)."""
+    return plan_sweep([arm], [seed], training_params).runs[0]
+
+
+def _train_and_evaluate(
+    run: SweepRun,
+    base_policy: Policy,
+    train_prompts: pd.DataFrame,
+    evaluate: Callable[[Policy], E],
+    training: Training,
+    progress: bool,
+) -> ArmResult[E]:
+    """One run; its trained policy rides on the result until ``on_arm`` has seen it."""
+    trained = train_arm(run, base_policy, train_prompts, training, progress=progress)
+    t0 = time.perf_counter()
     evaluation = evaluate(trained.policy)
-    t2 = time.perf_counter()
     return ArmResult(
         run.arm,
         run.seed,
         run.config,
         trained.metrics,
         evaluation,
-        t1 - t0,
-        t2 - t1,
-        started,
+        trained.train_time,
+        time.perf_counter() - t0,
+        trained.started,
         policy=trained.policy,
     )

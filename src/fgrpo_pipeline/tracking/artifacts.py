@@ -41,6 +41,8 @@ from kedro.io import AbstractVersionedDataset
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from fgrpo_pipeline.pipelines.arms import is_arm_dataset
+
 logger = logging.getLogger(__name__)
 
 # Per-step tables logged as MLflow metrics, and completions tables logged as MLflow tables.
@@ -244,8 +246,8 @@ class MlflowArtifactHook:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
         run = mlflow.active_run()
-        if run is None or self._catalog is None:
-            return
+        if run is None or self._catalog is None or is_arm_dataset(dataset_name):
+            return  # an arm's outputs belong to its child run (tracking.sweep_runs)
         path = local_path(self._catalog.get(dataset_name))
         if path is None:
             return  # in memory, or on a remote store that MLflow can point at instead

@@ -2,14 +2,15 @@
 
 Parameters: parameters_comparison.yml (the sweep), with parameters_training.yml (what each
 run trains, ``comparison.training_overrides`` merged over it) and parameters_evaluation.yml
-(the held-out evaluation). When an MLflow run is active (kedro-mlflow), every (method, seed)
-becomes a nested child run (:mod:`.tracking`) with its parameters, per-step metrics
-(``train/…``), held-out metrics (``eval/…``) and tags; the parent run gets the per-method
-summary (``comparison/<method>/…``). Without an active run MLflow is not touched.
+(the held-out evaluation). Every (method, seed) is an arm: a namespaced training node and
+evaluation node (:mod:`fgrpo_pipeline.pipelines.arms`); the summary node reads them all.
+MLflow child runs are the tracking hook's (:mod:`fgrpo_pipeline.tracking.sweep_runs`); no node
+here touches MLflow.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,36 +18,49 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fgrpo_pipeline.experiments.divergence_sweep import (
-    HELD_OUT,
+    BENCHMARKS,
+    FALLBACK_BENCHMARKS,
+    RUN_COLUMNS,
     DivergenceSweepParams,
+    curves_table,
     method_arm,
     method_loss,
-    run_comparison,
+    method_row,
+    summarise,
 )
 from fgrpo_pipeline.experiments.sweep import (
-    SWEEP_KEYS,
-    Arm,
-    ArmResult,
+    Training,
     merge_training_params,
+    plan_arm,
     plan_sweep,
+    train_arm,
 )
-from fgrpo_pipeline.heldout.evaluate import EvaluationConfig
+from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_splits
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.pipelines.comparison.tracking import ChildRun, child_runs, log_parent_metrics
+from fgrpo_pipeline.pipelines.arms import ArmSpec, per_arm, run_record, sweep_block
 from fgrpo_pipeline.pipelines.parameters import read_params
-from fgrpo_pipeline.reporting.plots import comparison_curves
+from fgrpo_pipeline.reporting.plots import comparison_curves, divergence_summary
 from fgrpo_pipeline.training.preferences import preferences_from_splits
 
 FILE = "parameters_comparison.yml"
-KEYS = ("methods", "seeds", *SWEEP_KEYS)
-TIMES = ("train_time", "eval_time", "wall_time")
-FINALS = ("train_reward_final", "train_accuracy_final")
-SUMMARY = ("relative_overall", "avg_rank", "accuracy_mean", "greedy_accuracy_mean")
+SWEEP = "comparison"
+# the parent run's metrics: comparison.<method>/<column> (the catalog entry's prefix)
+PARENT_METRICS = ("relative_overall_mean", "avg_rank", "sampled_accuracy_mean", "diff_vs_grpo_mean")
 
 
 def check_params(params: Mapping[str, Any]) -> DivergenceSweepParams:
     """The ``comparison`` block on its own: keys, methods, seeds, overrides, threads."""
     return read_params(DivergenceSweepParams, params)
+
+
+def comparison_arms() -> list[ArmSpec]:
+    """Every (method, seed) of the ``comparison`` block; none if the block is bad (the
+    parameter hook then refuses the run, naming the file)."""
+    try:
+        params = check_params(sweep_block(SWEEP))
+    except ValueError:
+        return []
+    return [ArmSpec(SWEEP, method, seed) for method in params.methods for seed in params.seeds]
 
 
 def sweep_training_params(params: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,55 +75,96 @@ def sweep_training_params(params: Mapping[str, Any], training: Mapping[str, Any]
     return merged
 
 
-def describe_run(arm: Arm, seed: int, result: ArmResult) -> ChildRun:
-    """The MLflow child run of one (method, seed)."""
-    loss, divergence = method_loss(arm.label)
-    labels = {"method": arm.label, "loss": loss, "divergence": divergence or "none"}
-    row = result.row
-    values = {f"eval/{k}": row[k] for k in HELD_OUT} | {k: row[k] for k in (*TIMES, *FINALS)}
-    return ChildRun(
-        name=f"{arm.label}-seed{seed}",
-        tags={"comparison": "divergences", **labels, "seed": str(seed)},
-        params={**result.config.to_dict(), **labels},
-        values=values,
-    )
-
-
-def compare_divergences(
+def train_method(
     base_policy: Policy,
     prompts: pd.DataFrame,
     aligned: pd.DataFrame,
     unaligned: pd.DataFrame,
     params: dict[str, Any],
     training: dict[str, Any],
-    evaluation: dict[str, Any],
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """(per-method summary, one row per method × seed, per-step curves, base policy report)."""
+    *,
+    label: str,
+    seed: int,
+) -> tuple[Policy, pd.DataFrame, dict[str, Any]]:
+    """One arm: the base policy trained with ``label``'s loss at ``seed``; (trained policy,
+    per-step metrics, what it ran)."""
     training_params = sweep_training_params(params, training)
-    config = read_params(EvaluationConfig, evaluation)
-    result = run_comparison(
+    run = plan_arm(method_arm(label), seed, training_params)
+    trained = train_arm(
+        run,
         base_policy,
         prompts[prompts["split"] == "train"],
-        prompts[prompts["split"] == config.split],
-        methods=list(params["methods"]),
-        seeds=list(params["seeds"]),
-        training_params=training_params,
-        evaluation_config=config,
-        preferences=preferences_from_splits(aligned, unaligned),
-        on_arm=child_runs(describe_run),
-        progress=params.get("progress", True),
+        Training(preferences=preferences_from_splits(aligned, unaligned)),
+        progress=training_params["progress"],
     )
-    log_parent_metrics(
-        {
-            f"comparison/{row['method']}/{column}": row[column]
-            for _, row in result.summary.iterrows()
-            for column in SUMMARY
-        }
-        | {f"comparison/base/{k}": result.base[k] for k in ("sampled_accuracy", "greedy_accuracy")}
+    loss, divergence = method_loss(label)
+    tags = {"comparison": "divergences", "method": label, "loss": loss}
+    tags |= {"divergence": divergence or "none", "seed": str(seed)}
+    return (
+        trained.policy,
+        trained.metrics,
+        run_record(ArmSpec(SWEEP, label, seed), run, trained, tags),
     )
-    base = {"policy": "base", **result.base, "relative_overall": 0.0}
-    return result.summary, result.runs, result.curves, base
+
+
+def evaluate_held_out(
+    trained_policy: Policy,
+    run: dict[str, Any],
+    base_policy: Policy,
+    prompts: pd.DataFrame,
+    evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """One arm's held-out metrics on every evaluated split, with ``eval_time`` (seconds)."""
+    config = read_params(EvaluationConfig, evaluation)
+    started = time.perf_counter()
+    metrics, _ = evaluate_splits(trained_policy, base_policy, prompts, config)
+    return {**metrics, "eval_time": time.perf_counter() - started}
+
+
+def evaluate_base(
+    base_policy: Policy, prompts: pd.DataFrame, evaluation: dict[str, Any]
+) -> dict[str, Any]:
+    """The base policy's held-out metrics: the 0 of Relative Overall."""
+    config = read_params(EvaluationConfig, evaluation)
+    metrics, _ = evaluate_splits(base_policy, base_policy, prompts, config)
+    return {"policy": "base", **metrics}
+
+
+def summarise_divergences(
+    base: dict[str, Any], *arms: Any
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(per-method summary with intervals, one row per method × seed, per-step curves, the
+    parent run's metrics) from every arm's (run, training metrics, evaluation)."""
+    rows, metrics_by_run = [], {}
+    for run, metrics, evaluation in per_arm(arms):
+        label, seed = run["label"], run["seed"]
+        rows.append(
+            method_row(
+                label,
+                seed,
+                evaluation,
+                metrics,
+                steps=run["steps"],
+                train_time=run["train_time"],
+                eval_time=evaluation["eval_time"],
+            )
+        )
+        metrics_by_run[(label, seed)] = metrics
+    runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    summary = summarise(runs, base)
+    parent = {
+        f"{row['method']}/{column}": {"value": float(row[column]), "step": 0}
+        for _, row in summary.iterrows()
+        for column in PARENT_METRICS
+        if pd.notna(row[column])
+    }
+    return summary, runs, curves_table(metrics_by_run), parent
 
 
 def plot_comparison_curves(curves: pd.DataFrame) -> Figure:
     return comparison_curves(curves)
+
+
+def plot_comparison_summary(summary: pd.DataFrame, base: dict[str, Any]) -> Figure:
+    benchmarks = [b for b in BENCHMARKS if f"{b}_mean" in summary] or list(FALLBACK_BENCHMARKS)
+    return divergence_summary(summary, base, benchmarks=["sampled_accuracy", *benchmarks])
