@@ -44,7 +44,7 @@ ARMS = [
 ]
 
 
-def run(project, pipeline, **options):
+def run(project, pipeline, params=SWEEP, **options):
     """One session, as a new ``kedro run`` process would start it."""
     from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook
 
@@ -52,7 +52,7 @@ def run(project, pipeline, **options):
         mlflow.end_run()
     mlflow_hook.run_id = None
     bootstrap_project(project)
-    with KedroSession.create(project_path=project, runtime_params=SWEEP) as session:
+    with KedroSession.create(project_path=project, runtime_params=params) as session:
         session.run(pipeline_names=[pipeline], **options)
 
 
@@ -190,3 +190,10 @@ def test_arms_run_side_by_side_under_parallel_runner(project):
     for child in children:
         assert "eval/sampled_accuracy" in child.data.metrics
         assert child.data.params["steps"] == str(STEPS)
+
+
+def test_a_bad_sweep_block_registers_no_arms_and_is_refused_naming_the_file(project):
+    bad = {**SWEEP, "comparison": {**SWEEP["comparison"], "methods": ["kl", "chi2"]}}
+    with pytest.raises(ValueError, match="parameters_comparison.yml: .*unknown method 'chi2'"):
+        run(project, "comparison", bad)
+    assert not [n for n in pipelines["comparison"].nodes if n.namespace]

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from fgrpo_pipeline.pipeline_registry import register_pipelines
+from fgrpo_pipeline.pipelines.arms import remember_session_params
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +127,9 @@ def _mlflow_runs(store: Path) -> list:
 
 def test_viz_shows_every_pipeline_and_the_lineage_of_the_datasets(project_copy: Path):
     # the names themselves are checked in tests/pipelines/test_registry_and_nodes.py
-    registered = set(register_pipelines())
+    remember_session_params(None)  # the arms as the viewer builds them: from conf/
+    registered_pipelines = register_pipelines()
+    registered = set(registered_pipelines)
 
     port = _free_port()
     log = project_copy / "viz.log"
@@ -199,6 +202,19 @@ def test_viz_shows_every_pipeline_and_the_lineage_of_the_datasets(project_copy: 
         "model_output",
         "reporting",
     ], main["layers"]
+
+    # The sweeps draw every arm (a namespace: its training and evaluation nodes) and the
+    # summary node that reads them all.
+    for sweep, summary in (
+        ("comparison", "compare_divergences_node"),
+        ("safety_comparison", "compare_safety_node"),
+    ):
+        arms = {n.namespace for n in registered_pipelines[sweep].nodes if n.namespace}
+        assert len(arms) >= 10, (sweep, sorted(arms))
+        drawn = json.dumps(graphs[sweep])
+        assert all(f'"{arm}' in drawn for arm in arms), sweep
+        tasks = {n["name"] for n in graphs[sweep]["nodes"] if n["type"] == "task"}
+        assert any(summary in name for name in tasks), sorted(tasks)[:5]
 
     # Clicking a dataset shows where it lives.
     assert aligned_meta["filepath"].endswith("data/05_model_input/aligned.parquet")

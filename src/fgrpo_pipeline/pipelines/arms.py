@@ -15,6 +15,7 @@ outside a session (``kedro registry``), from the configuration files.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,12 +61,27 @@ class ArmSpec:
         return f"{self.namespace}.{name}"
 
 
-def bind(func: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """``func`` with ``kwargs`` bound, keeping its name (Kedro and kedro-viz show it) and
-    picklable (ParallelRunner sends nodes to workers)."""
-    bound = functools.partial(func, **kwargs)
-    functools.update_wrapper(bound, func)
-    return bound
+class ArmFunction:
+    """``func`` with one arm's keyword arguments bound: named as ``func`` (Kedro and kedro-viz
+    show it) and picklable by reference (ParallelRunner sends nodes to workers, where a
+    ``functools.partial`` arrives without its name)."""
+
+    def __init__(self, func: Callable[..., Any], **kwargs: Any) -> None:
+        self.func, self.kwargs = func, kwargs
+        self.__name__ = self.__qualname__ = func.__name__
+        self.__module__, self.__doc__ = func.__module__, func.__doc__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(functools.partial(self.func, **self.kwargs))
+
+    def __call__(self, *args: Any) -> Any:
+        return self.func(*args, **self.kwargs)
+
+
+def bind(func: Callable[..., Any], **kwargs: Any) -> ArmFunction:
+    """``func`` with ``kwargs`` bound (:class:`ArmFunction`)."""
+    return ArmFunction(func, **kwargs)
 
 
 def arm_pipeline(

@@ -131,10 +131,11 @@ def evaluate_base(
 
 
 def summarise_divergences(
-    base: dict[str, Any], *arms: Any
+    params: dict[str, Any], base: dict[str, Any], *arms: Any
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """(per-method summary with intervals, one row per method × seed, per-step curves, the
     parent run's metrics) from every arm's (run, training metrics, evaluation)."""
+    check_params(params)
     rows, metrics_by_run = [], {}
     for run, metrics, evaluation in per_arm(arms):
         label, seed = run["label"], run["seed"]

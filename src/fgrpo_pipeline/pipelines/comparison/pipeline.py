@@ -45,7 +45,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarise_divergences,
-                inputs=["comparison_base", *summary_inputs(arms)],
+                inputs=["params:comparison", "comparison_base", *summary_inputs(arms)],
                 outputs=[
                     "divergence_comparison",
                     "comparison_runs",
