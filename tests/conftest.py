@@ -68,7 +68,14 @@ def scratch_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 # Addition of one-digit numbers: a format and a skill the warm-up half-learns in seconds.
 SMALL_RUN = {
     "data_preparation": {
-        "arithmetic": {"n_train": 80, "n_test": 20, "operations": ["+"], "operand_max": 9}
+        "arithmetic": {
+            "n_train": 80,
+            "n_test": 20,
+            "n_ood": 20,
+            "ood_operand_max": 12,
+            "operations": ["+"],
+            "operand_max": 9,
+        }
     },
     "base_policy": {"progress": False, "warmup": {"steps": 120, "batch_size": 32}},
     "rollout_generation": {"num_prompts": 8},

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 
-from fgrpo_pipeline.experiments.safety_sweep import METRICS, safety_table
+from fgrpo_pipeline.experiments.safety_sweep import METRICS
 from fgrpo_pipeline.reporting.plots import (
     divergence_summary,
     safety_comparison_bars,
@@ -316,23 +316,6 @@ def test_separation_by_lam_names_a_missing_metric():
 
 def bar_heights(ax) -> list[float]:
     return [patch.get_height() for patch in ax.patches]
-
-
-def test_safety_comparison_bars_keeps_the_safety_table_form(tmp_path):
-    runs = pd.DataFrame({"lam": ["0", "0", "1"], **{m: [0.1, 0.3, 0.5] for m in METRICS}})
-    table = safety_table(runs, dict.fromkeys(METRICS, 0.2))
-    fig = rendered(safety_comparison_bars(table), tmp_path, "bars-old")
-    assert len(fig.axes) == 6
-    for ax in fig.axes:
-        assert bar_heights(ax) == pytest.approx([0.2, 0.2, 0.5])
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "λ=0", "λ=1"]
-        _, vertical = error_bars(ax)  # std over seeds, λ=0 only (base: NaN, λ=1: one seed)
-        finite = [(x, lo, hi) for x, lo, hi in vertical if np.isfinite([lo, hi]).all()]
-        assert len(finite) == 1
-        assert finite[0][1:] == pytest.approx((0.2 - math.sqrt(0.02), 0.2 + math.sqrt(0.02)))
-    assert [p.get_facecolor() for p in fig.axes[0].patches][0][:3] == pytest.approx(
-        (0.5, 0.5, 0.5), abs=0.01
-    )
 
 
 def test_safety_comparison_bars_with_intervals_grouped_by_scaling(tmp_path):

@@ -23,8 +23,7 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
     data = project_copy / "data"
 
     prompts = pd.read_parquet(data / "03_primary/prompts.parquet")
-    # SMALL_RUN sizes train and test; the ood split keeps the shipped n_ood
-    assert prompts["split"].value_counts().to_dict() == {"train": 80, "test": 20, "ood": 180}
+    assert prompts["split"].value_counts().to_dict() == {"train": 80, "test": 20, "ood": 20}
 
     labeled = pd.read_parquet(data / "05_model_input/labeled_rollouts.parquet")
     aligned = pd.read_parquet(data / "05_model_input/aligned.parquet")
@@ -52,7 +51,7 @@ def test_each_pipeline_runs_alone_on_what_the_previous_saved(project_copy):
 
     report = json.loads((data / "08_reporting/evaluation.json").read_text())
     for side in ("base", "trained"):
-        assert report[side]["n_prompts"] == 20 and report[side]["ood_n_prompts"] == 180
+        assert report[side]["n_prompts"] == 20 and report[side]["ood_n_prompts"] == 20
         for metric in ("sampled_accuracy", "greedy_accuracy"):
             assert 0.0 <= report[side][metric] <= 1.0
             assert 0.0 <= report[side][f"ood_{metric}"] <= 1.0

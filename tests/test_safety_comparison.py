@@ -233,6 +233,7 @@ SAFETY_RUN = {
         "hal_scalings": ["paper", "balanced"],
         "seeds": [0, 1],
         "progress": False,
+        "training_overrides": {"steps": 6, "log_completions_every": 0},
     },
 }
 

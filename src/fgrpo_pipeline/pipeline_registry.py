@@ -47,8 +47,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines.update(safety)
     # One λ from parameters_safety_training.yml, from the data up.
     pipelines["safety"] = sum(safety.values(), Pipeline([]))
-    # The λ sweep from the data up, so one command runs it from a fresh clone; rerun only the
-    # sweep with --from-nodes=compare_safety_node.
+    # The λ sweep from the data up, so one command runs it from a fresh clone; rerun one arm
+    # with --namespaces=safety_comparison.<arm>, the table with --nodes=compare_safety_node.
     prerequisites = sum(
         (safety[name] for name in ("safety_data", "reward_model", "safety_base_policy")),
         Pipeline([]),

@@ -70,6 +70,8 @@ class ArmFunction:
         self.func, self.kwargs = func, kwargs
         self.__name__ = self.__qualname__ = func.__name__
         self.__module__, self.__doc__ = func.__module__, func.__doc__
+        # typing.get_type_hints (Kedro's parameter validation) reads these
+        self.__annotations__, self.__wrapped__ = func.__annotations__, func
 
     @property
     def __signature__(self) -> inspect.Signature:

@@ -214,15 +214,12 @@ SAFETY_BARS = (
 def safety_comparison_bars(
     table: pd.DataFrame, title: str = "f-HAL by λ", *, base: Mapping[str, float] | None = None
 ) -> Figure:
-    """One bar chart per metric of the safety table.
-
-    Either form of the table works. :func:`fgrpo_pipeline.experiments.safety_sweep.safety_table`:
-    ``lam`` (a ``"base"`` row, then one per λ), ``<metric>`` and ``<metric>_std`` (error bars:
-    std over seeds where there is more than one). Or a summary with ``<metric>_mean`` and
-    ``<metric>_ci_low`` / ``_ci_high`` (error bars: the 95 % CI, none where it is NaN). With a
-    ``hal_scaling`` column the bars are grouped by scaling, one bar per λ in every group (the
-    same colour for the same λ); a ``"base"`` row is a group of its own. ``base`` (metric ->
-    value) draws the base policy as a dashed line.
+    """One bar chart per metric of the safety table
+    (:func:`fgrpo_pipeline.experiments.safety_sweep.safety_table`'s arm rows): ``lam``,
+    ``<metric>_mean`` and, when present, ``<metric>_ci_low`` / ``_ci_high`` (error bars: the
+    95 % CI, none where it is NaN). With a ``hal_scaling`` column the bars are grouped by
+    scaling, one bar per λ in every group (the same colour for the same λ); a ``"base"`` row is
+    a group of its own. ``base`` (metric -> value) draws the base policy as a dashed line.
     """
     _require(table, ["lam"], "the safety table")
     values = {name: _value_column(table, name) for name, _ in SAFETY_BARS}
@@ -230,10 +227,8 @@ def safety_comparison_bars(
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), constrained_layout=True)
     for ax, (name, label) in zip(axes.flat, SAFETY_BARS, strict=True):
         low, high = f"{name}_ci_low", f"{name}_ci_high"
-        has_ci = low in table and high in table
-        errors = None if has_ci else table.get(f"{name}_std")
-        ax.bar(x, table[values[name]], width=width, color=colours, yerr=errors, capsize=3)
-        if has_ci:
+        ax.bar(x, table[values[name]], width=width, color=colours)
+        if low in table and high in table:
             _interval_bars(ax, x, table[low], table[high], horizontal=False, color="black")
         if base is not None and name in base:
             ax.axhline(base[name], color="grey", linestyle="--", linewidth=1)
@@ -249,11 +244,10 @@ def safety_comparison_bars(
 
 
 def _value_column(table: pd.DataFrame, name: str) -> str:
-    """``<name>_mean`` (a summary with intervals) or else ``<name>`` (safety_table)."""
-    for column in (f"{name}_mean", name):
-        if column in table.columns:
-            return column
-    raise ValueError(f"the safety table lacks column {name!r} (or {name + '_mean'!r})")
+    """``<name>_mean``, which the table must have."""
+    if f"{name}_mean" not in table.columns:
+        raise ValueError(f"the safety table lacks column {name + '_mean'!r}")
+    return f"{name}_mean"
 
 
 def _bar_layout(
