@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,19 @@ from fgrpo_pipeline.models.lora import is_lora
 from fgrpo_pipeline.models.policy import Policy
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Errors only from logger ``name``: mlflow.transformers looks a local model up on the Hub
+    for a model card and a license, and warns twice per logged policy that it found neither."""
+    quieted = logging.getLogger(name)
+    level = quieted.level
+    quieted.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
 
 
 class MlflowPolicyDataset(MlflowModelTrackingDataset):
@@ -55,7 +69,8 @@ class MlflowPolicyDataset(MlflowModelTrackingDataset):
         if base is not None:
             self._save_args["base_model_path"] = str(base)
         try:
-            super()._save({"model": policy.model, "tokenizer": policy.tokenizer})
+            with _quiet("mlflow.transformers"):
+                super()._save({"model": policy.model, "tokenizer": policy.tokenizer})
         finally:
             self._save_args = saved
 

@@ -16,7 +16,6 @@ ETA (Kedro runs a sweep's training nodes first: the evaluations depend on them).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -70,19 +69,6 @@ def _finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """Errors only from logger ``name`` (mlflow.transformers looks a local model up on the
-    Hub for a card and a license, and warns twice per arm)."""
-    logger_ = logging.getLogger(name)
-    level = logger_.level
-    logger_.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger_.setLevel(level)
 
 
 class SweepRunHook:
@@ -199,7 +185,7 @@ class SweepRunHook:
         for i in range(0, len(params), MAX_PARAMS):
             client.log_batch(run_id, params=params[i : i + MAX_PARAMS])
         log_step_metrics(outputs[f"{record['namespace']}.training_metrics"], run_id=run_id)
-        with mlflow.start_run(run_id=run_id, nested=True), _quiet("mlflow.transformers"):
+        with mlflow.start_run(run_id=run_id, nested=True):
             MlflowPolicyDataset(save_args=ARM_MODEL_ARGS).save(
                 outputs[f"{record['namespace']}.trained_policy"]
             )
