@@ -149,6 +149,7 @@ def test_each_arm_is_a_finished_child_run_with_its_metrics_and_model(project):
         assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
         assert 0 <= child.data.metrics["eval/sampled_accuracy"] <= 1
         assert "eval/ood_sampled_accuracy" in child.data.metrics
+        assert {"train_time", "eval_time"} <= set(child.data.metrics)  # the notebook reads them
         models = mlflow.search_logged_models(
             experiment_ids=[parent.info.experiment_id],
             filter_string=f"source_run_id = '{child.info.run_id}'",

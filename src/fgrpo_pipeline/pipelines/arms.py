@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from kedro.pipeline import Node, Pipeline
 
 ARM_TAG = "sweep_arm"  # every node of an arm: the tracking hook opens one MLflow run per arm
@@ -81,11 +82,6 @@ class ArmFunction:
         return self.func(*args, **self.kwargs)
 
 
-def bind(func: Callable[..., Any], **kwargs: Any) -> ArmFunction:
-    """``func`` with ``kwargs`` bound (:class:`ArmFunction`)."""
-    return ArmFunction(func, **kwargs)
-
-
 def arm_pipeline(
     spec: ArmSpec,
     *,
@@ -96,12 +92,12 @@ def arm_pipeline(
     evaluate_outputs: Sequence[str] = ("evaluation",),
 ) -> Pipeline:
     """One arm's namespaced training and evaluation nodes. ``train(*train_inputs, label=,
-    seed=)`` returns ``ARM_OUTPUTS``; ``evaluate(trained_policy, run, *evaluate_inputs)``
-    returns ``evaluate_outputs``. The inputs are shared by every arm (not namespaced)."""
+    seed=)`` returns ``ARM_OUTPUTS``; ``evaluate(trained_policy, *evaluate_inputs)`` returns
+    ``evaluate_outputs``. The inputs are shared by every arm (not namespaced)."""
     arm = {"label": spec.label, "seed": spec.seed}
     nodes = [
         Node(
-            bind(train, **arm),
+            ArmFunction(train, **arm),
             inputs=list(train_inputs),
             outputs=list(ARM_OUTPUTS),
             name=TRAIN_NODE,
@@ -109,7 +105,7 @@ def arm_pipeline(
         ),
         Node(
             evaluate,
-            inputs=["trained_policy", "run", *evaluate_inputs],
+            inputs=["trained_policy", *evaluate_inputs],
             outputs=evaluate_outputs[0] if len(evaluate_outputs) == 1 else list(evaluate_outputs),
             name=EVALUATE_NODE,
             tags=[ARM_TAG],
@@ -122,6 +118,19 @@ def arm_pipeline(
         inputs={name for name in shared if not name.startswith("params:")},
         parameters={name for name in shared if name.startswith("params:")},
     )
+
+
+def headline_metrics(
+    table: pd.DataFrame, key: Callable[[Any], str], columns: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """The summary table's ``columns`` as the pipeline run's metrics (kedro-mlflow's metrics
+    dataset: ``{"<key(row)>/<column>": {"value": v, "step": 0}}``), the non-missing ones."""
+    return {
+        f"{key(row)}/{column}": {"value": float(row[column]), "step": 0}
+        for _, row in table.iterrows()
+        for column in columns
+        if pd.notna(row[column])
+    }
 
 
 def summary_inputs(specs: Iterable[ArmSpec], names: Sequence[str] = SUMMARY_INPUTS) -> list[str]:

@@ -124,9 +124,7 @@ class SweepRunHook:
             record = outputs[f"{node.namespace}.run"]
             self._log_training(child, record, outputs)
         elif child is not None and short == EVALUATE_NODE:
-            evaluation = outputs[f"{node.namespace}.evaluation"]
-            record = inputs[f"{node.namespace}.run"]
-            self._log_evaluation(child, record, evaluation)
+            self._log_evaluation(child, node.namespace, outputs[f"{node.namespace}.evaluation"])
         if (bar := self._bars.get(short)) is not None:
             bar.set_postfix_str(node.namespace.split(".")[-1])
             bar.update()
@@ -185,6 +183,7 @@ class SweepRunHook:
         for i in range(0, len(params), MAX_PARAMS):
             client.log_batch(run_id, params=params[i : i + MAX_PARAMS])
         log_step_metrics(outputs[f"{record['namespace']}.training_metrics"], run_id=run_id)
+        client.log_metric(run_id, "train_time", record["train_time"], step=0)
         with mlflow.start_run(run_id=run_id, nested=True):
             MlflowPolicyDataset(save_args=ARM_MODEL_ARGS).save(
                 outputs[f"{record['namespace']}.trained_policy"]
@@ -193,11 +192,11 @@ class SweepRunHook:
         # leaving the block ended the run; it stays open until the arm is evaluated
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
 
-    def _log_evaluation(self, run_id: str, record: dict[str, Any], evaluation: dict) -> None:
+    def _log_evaluation(self, run_id: str, namespace: str, evaluation: dict) -> None:
         client = MlflowClient()
         now = int(time.time() * 1000)
         values = {f"eval/{k}": v for k, v in evaluation.items() if k != "eval_time"}
-        values |= {"train_time": record["train_time"], "eval_time": evaluation.get("eval_time")}
+        values["eval_time"] = evaluation.get("eval_time")
         metrics = [
             Metric(metric_name(k), float(v), now, 0) for k, v in values.items() if _finite(v)
         ]
@@ -205,4 +204,4 @@ class SweepRunHook:
             client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS])
         client.log_dict(run_id, evaluation, "evaluation.json")
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        self._runs.pop(record["namespace"], None)
+        self._runs.pop(namespace, None)

@@ -37,7 +37,13 @@ from fgrpo_pipeline.experiments.sweep import (
 )
 from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_splits
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.pipelines.arms import ArmSpec, per_arm, run_record, sweep_block
+from fgrpo_pipeline.pipelines.arms import (
+    ArmSpec,
+    headline_metrics,
+    per_arm,
+    run_record,
+    sweep_block,
+)
 from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.reporting.plots import comparison_curves, divergence_summary
 from fgrpo_pipeline.training.preferences import preferences_from_splits
@@ -109,7 +115,6 @@ def train_method(
 
 def evaluate_held_out(
     trained_policy: Policy,
-    run: dict[str, Any],
     base_policy: Policy,
     prompts: pd.DataFrame,
     evaluation: dict[str, Any],
@@ -153,12 +158,7 @@ def summarise_divergences(
         metrics_by_run[(label, seed)] = metrics
     runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     summary = summarise(runs, base)
-    parent = {
-        f"{row['method']}/{column}": {"value": float(row[column]), "step": 0}
-        for _, row in summary.iterrows()
-        for column in PARENT_METRICS
-        if pd.notna(row[column])
-    }
+    parent = headline_metrics(summary, lambda row: row["method"], PARENT_METRICS)
     return summary, runs, curves_table(metrics_by_run), parent
 
 

@@ -41,7 +41,13 @@ from fgrpo_pipeline.experiments.sweep import (
     train_arm,
 )
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.pipelines.arms import ArmSpec, per_arm, run_record, sweep_block
+from fgrpo_pipeline.pipelines.arms import (
+    ArmSpec,
+    headline_metrics,
+    per_arm,
+    run_record,
+    sweep_block,
+)
 from fgrpo_pipeline.pipelines.parameters import read_params
 from fgrpo_pipeline.reporting.plots import (
     comparison_curves,
@@ -155,7 +161,6 @@ def _evaluate(policy, base_policy, reward_model, prompts, evaluation):
 
 def evaluate_lam(
     trained_policy: Policy,
-    run: dict[str, Any],
     base_policy: Policy,
     reward_model: RewardModel,
     prompts: pd.DataFrame,
@@ -200,15 +205,9 @@ def summarise_safety(
             hidden[label] = states
     runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     table = safety_table(runs, base)
-    parent = {
-        f"{row['arm'].replace('=', '').replace(',', '_')}/{column}": {
-            "value": float(row[column]),
-            "step": 0,
-        }
-        for _, row in table.iterrows()
-        for column in PARENT_METRICS
-        if pd.notna(row[column])
-    }
+    parent = headline_metrics(
+        table, lambda row: row["arm"].replace("=", "").replace(",", "_"), PARENT_METRICS
+    )
     curves = curves_table(metrics_by_run, CURVE_COLUMNS)
     return table, runs, curves, latent_projection(hidden), parent
 
