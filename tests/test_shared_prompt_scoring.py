@@ -360,15 +360,19 @@ def _assert_same_rollouts(shared: RolloutBatch, plain: RolloutBatch) -> None:
     torch.testing.assert_close(shared.old_logps, plain.old_logps, atol=ATOL, rtol=0)
 
 
-def test_shared_prefill_runs_each_prompt_once(policy):
+@pytest.mark.parametrize("use_generate", [False, True])
+def test_shared_prefill_runs_each_prompt_once(policy, use_generate):
     model = policy.model
     n_prompt = max(len(p) for p in ENGINE_PROMPTS) + 1  # + BOS
+    engine = get_engine("hf", use_generate=use_generate)
     with counting_positions(model) as seen:
-        _generate(policy, max_new_tokens=3)
-    # P prompts without their last token, then generate's first step: one token per row.
-    assert seen[:2] == [len(ENGINE_PROMPTS) * (n_prompt - 1), len(ENGINE_PROMPTS) * G]
+        engine.generate(policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=3, seed=2))
+    # The own loop: the P prompts whole, then one token per row. generate: the P prompts
+    # without their last token, then generate's first step runs it, one token per row.
+    prefill = n_prompt if not use_generate else n_prompt - 1
+    assert seen[:2] == [len(ENGINE_PROMPTS) * prefill, len(ENGINE_PROMPTS) * G]
     with counting_positions(model) as seen:
-        get_engine("hf", share_prompts=False).generate(
+        get_engine("hf", share_prompts=False, use_generate=use_generate).generate(
             policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=3)
         )
     assert seen[0] == len(ENGINE_PROMPTS) * G * n_prompt

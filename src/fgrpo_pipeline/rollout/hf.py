@@ -1,4 +1,4 @@
-"""The ``hf`` rollout engine: batched ``transformers`` generation."""
+"""The ``hf`` rollout engine: batched sampling from a ``transformers`` causal LM."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from fgrpo_pipeline.models.policy import Policy
+from fgrpo_pipeline.rollout.decoding import Decoded, decode
 from fgrpo_pipeline.rollout.engine import (
     ENGINES,
     RolloutBatch,
@@ -21,18 +22,26 @@ from fgrpo_pipeline.rollout.logprobs import output_cache, sampled_logps
 
 @ENGINES.register("hf")
 class HFEngine:
-    """Batched ``transformers`` generation: one ``generate`` call over all P·G sequences.
+    """Batched sampling from a ``transformers`` causal LM: all P·G sequences at once.
 
-    With ``share_prompts`` (the default) the G copies of a prompt are not prefilled G times:
-    all but the last token of each distinct prompt run once, and ``generate`` starts from
-    that KV cache repeated G times (it then runs only the last prompt token per row). The
-    logits agree with a full prefill's up to float rounding, so the same seed gives the same
-    samples (a draw could only differ by landing within rounding of a category boundary).
-    vLLM has its own engine and prefix caching; it is unaffected.
+    By default the engine runs its own decoding loop (:mod:`.decoding`): each distinct
+    prompt prefilled once, a KV cache allocated once, finished rows dropped from the batch
+    (``drop_finished``), the sampling rule that of ``generate`` with the engine's knobs.
+    ``use_generate=True`` calls ``model.generate`` instead (also the fall-back for a model
+    whose forward returns no cache the loop can drive); there, with ``share_prompts`` (the
+    default), all but the last token of each distinct prompt run once and ``generate``
+    starts from that cache repeated G times. Either way the logits agree with a full
+    prefill's up to float rounding, so with ``drop_finished=False`` the same seed gives the
+    same samples on every path (a draw could only differ by landing within rounding of a
+    category boundary). vLLM has its own engine and prefix caching; it is unaffected.
     """
 
-    def __init__(self, share_prompts: bool = True) -> None:
+    def __init__(
+        self, share_prompts: bool = True, drop_finished: bool = True, use_generate: bool = False
+    ) -> None:
         self.share_prompts = share_prompts
+        self.drop_finished = drop_finished
+        self.use_generate = use_generate
 
     def generate(
         self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
@@ -49,9 +58,9 @@ class HFEngine:
 
         # Decoder-only batched generation needs left padding: new tokens must follow the prompt.
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0).to(model.device)
+        encoded = {key: encoded[key].to(model.device) for key in ("input_ids", "attention_mask")}
+        prompt_ids = encoded["input_ids"].repeat_interleave(group_size, dim=0)
         prompt_mask = encoded["attention_mask"].repeat_interleave(group_size, dim=0)
-        prompt_mask = prompt_mask.to(model.device)
         config = _generation_config(sampling, pad_id, eos_ids)
         rng_devices = [model.device.index or 0] if model.device.type == "cuda" else []
         # Forked RNG: same seed → same samples, and the caller's RNG stream is untouched.
@@ -60,19 +69,52 @@ class HFEngine:
             torch.no_grad(),
             torch.random.fork_rng(devices=rng_devices),
         ):
-            prefilled = (
-                _prefill_shared(model, encoded, group_size, prompt_ids.device)
-                if self.share_prompts
-                else {}
-            )
-            torch.manual_seed(sampling.seed)
-            out = model.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=config,
-                **prefilled,
-            )
-        return _to_batch(out, prompts, prompt_ids, prompt_mask, group_size, sampling, policy)
+            decoded = None
+            if not self.use_generate:
+                torch.manual_seed(sampling.seed)
+                decoded = decode(
+                    model,
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    group_size,
+                    sampling,
+                    eos_ids,
+                    pad_id,
+                    share_prompts=self.share_prompts,
+                    drop_finished=self.drop_finished,
+                )
+            if decoded is None:
+                decoded = self._generate(model, encoded, prompt_ids, prompt_mask, config, sampling)
+        return _to_batch(decoded, prompts, prompt_ids, prompt_mask, group_size, policy)
+
+    def _generate(self, model, encoded, prompt_ids, prompt_mask, config, sampling) -> Decoded:
+        """``model.generate``'s samples and their log-probs."""
+        group_size = prompt_ids.shape[0] // encoded["input_ids"].shape[0]
+        prefilled = (
+            _prefill_shared(model, encoded, group_size, prompt_ids.device)
+            if self.share_prompts
+            else {}
+        )
+        torch.manual_seed(sampling.seed)
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            **prefilled,
+        )
+        completion_ids = out.sequences[:, prompt_ids.shape[1] :]
+        # output_logits are the raw logits, before the temperature/top-p processors: apply
+        # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
+        # tensor the processors saw, so the nucleus is the one sampled from).
+        top_p = sampling.top_p if sampling.do_sample else 1.0
+        logps = torch.stack(
+            [
+                sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
+                for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
+            ],
+            dim=1,
+        )
+        return Decoded(completion_ids, logps)
 
 
 def _generation_config(sampling: SamplingConfig, pad_id: int, eos_ids: list[int]):
@@ -114,25 +156,13 @@ def _sampling_mode(model, config: GenerationConfig):
         model.train(was_training)
 
 
-def _to_batch(out, prompts, prompt_ids, prompt_mask, group_size, sampling, policy) -> RolloutBatch:
-    """``generate``'s output as a batch: completions through their first EOS, padded after,
-    and the log-probs of the distribution sampled from."""
+def _to_batch(decoded: Decoded, prompts, prompt_ids, prompt_mask, group_size, policy):
+    """The decoded samples as a batch: completions through their first EOS, padded after,
+    with the log-probs of the distribution sampled from (0 after the first EOS)."""
     pad_id = policy.tokenizer.pad_token_id
-    completion_ids = out.sequences[:, prompt_ids.shape[1] :]
-    keep, has_eos = through_first_eos(completion_ids, policy_eos_ids(policy))
-    completion_ids = completion_ids.masked_fill(~keep, pad_id)
-    # output_logits are the raw logits, before the temperature/top-p processors: apply
-    # them here, a step at a time (no [N, T, V] stack, and each step's [N, V] is the very
-    # tensor the processors saw, so the nucleus is the one sampled from).
-    top_p = sampling.top_p if sampling.do_sample else 1.0
-    old_logps = torch.stack(
-        [
-            sampled_logps(step_logits, step_ids, sampling.temperature, top_p)
-            for step_logits, step_ids in zip(out.logits, completion_ids.unbind(1), strict=True)
-        ],
-        dim=1,
-    )
-    old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
+    keep, has_eos = through_first_eos(decoded.completion_ids, policy_eos_ids(policy))
+    completion_ids = decoded.completion_ids.masked_fill(~keep, pad_id)
+    old_logps = torch.where(keep, decoded.logps, torch.zeros_like(decoded.logps))
     lengths = keep.sum(dim=1)
     completions = policy.tokenizer.batch_decode(
         [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],

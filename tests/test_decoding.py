@@ -1,0 +1,160 @@
+"""The hf engine's own decoding loop (:mod:`fgrpo_pipeline.rollout.decoding`) against
+``transformers``' ``generate`` and against teacher forcing, on a real tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
+from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
+from fgrpo_pipeline.rollout.decoding import PreallocatedLayer, _sample, preallocate
+from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
+from tests.test_shared_prompt_scoring import _assert_same_rollouts, counting_positions
+
+G = 4
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return briefly_warmed_policy()
+
+
+SAMPLINGS = [
+    (G, {"temperature": 1.3, "max_new_tokens": 6, "seed": 0}),
+    (G, {"temperature": 1.3, "max_new_tokens": 6, "seed": 7}),
+    (8, {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 4, "seed": 3}),
+    (3, {"do_sample": False, "max_new_tokens": 5}),
+    (1, {"temperature": 1.0, "max_new_tokens": 4, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize(("group_size", "sampling"), SAMPLINGS)
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_the_loop_samples_what_generate_samples(policy, group_size, sampling, share_prompts):
+    """Every row at every step (drop_finished=False): generate's samples for the same seed,
+    its log-probs up to float rounding."""
+    config = SamplingConfig(**sampling)
+    ours = get_engine("hf", drop_finished=False, share_prompts=share_prompts)
+    theirs = get_engine("hf", use_generate=True, share_prompts=share_prompts)
+    _assert_same_rollouts(
+        ours.generate(policy, ENGINE_PROMPTS, group_size, config),
+        theirs.generate(policy, ENGINE_PROMPTS, group_size, config),
+    )
+
+
+def test_a_lora_policy_samples_what_generate_samples(policy):
+    lora = apply_lora(policy, LoraSettings(r=4, alpha=8, dropout=0.0))
+    config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=5)
+    _assert_same_rollouts(
+        get_engine("hf", drop_finished=False).generate(lora, ENGINE_PROMPTS, G, config),
+        get_engine("hf", use_generate=True).generate(lora, ENGINE_PROMPTS, G, config),
+    )
+
+
+@pytest.mark.parametrize(("group_size", "sampling"), SAMPLINGS)
+def test_dropped_rows_keep_their_log_probs(policy, group_size, sampling):
+    """With finished rows dropped from the running batch, each row's recorded log-probs are
+    still those of its own tokens under the distribution sampled from (teacher forcing),
+    so no row was fed another row's token or cache."""
+    config = SamplingConfig(**sampling)
+    batch = get_engine("hf").generate(policy, ENGINE_PROMPTS * 2, group_size, config)
+    # Rows end at different steps: the early ones were dropped while the others ran on.
+    assert len(set(batch.lengths.tolist())) > 1
+    with torch.no_grad():
+        forced = token_logprobs(
+            policy.model,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            batch.completion_ids,
+            batch.completion_mask,
+            config.temperature,
+            top_p=config.top_p if config.do_sample else 1.0,
+        )
+    torch.testing.assert_close(batch.old_logps, forced, atol=1e-5, rtol=0)
+    if not config.do_sample:  # greedy: dropping rows changes nothing at all
+        kept = get_engine("hf", drop_finished=False)
+        _assert_same_rollouts(batch, kept.generate(policy, ENGINE_PROMPTS * 2, group_size, config))
+
+
+def test_finished_rows_leave_the_batch(policy):
+    """Once a quarter of the running rows have ended, they leave: later steps run only the
+    others."""
+    prompts = ENGINE_PROMPTS * 4
+    config = SamplingConfig(temperature=1.3, max_new_tokens=8, seed=4)
+    with counting_positions(policy.model) as seen:
+        batch = get_engine("hf").generate(policy, prompts, G, config)
+    steps = seen[1:]  # after the prefill, the forward feeding token t runs steps[t] rows
+    n = len(prompts) * G
+    assert len(steps) == batch.completion_ids.shape[1] - 1  # the last token is never fed
+    ended = [int(((batch.lengths <= t + 1) & ~batch.truncated).sum()) for t in range(len(steps))]
+    running = n
+    for t, rows in enumerate(steps):
+        if rows != running:  # a drop: every ended row leaves, and they were ≥ 1/4 of the batch
+            assert rows == n - ended[t]
+            assert running - rows >= 0.25 * running
+        running = rows
+    assert min(steps) < n
+    with counting_positions(policy.model) as seen:
+        get_engine("hf", drop_finished=False).generate(policy, prompts, G, config)
+    assert set(seen[1:]) == {n}
+
+
+def test_sampling_follows_temperature_and_nucleus():
+    """The sampling rule itself: 40,000 draws from logits / T restricted to the top-p
+    nucleus; frequencies within 5 standard errors, nothing outside the nucleus."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    config = SamplingConfig(temperature=0.8, top_p=0.9)
+    scaled = logits / config.temperature
+    probs = scaled.softmax(-1)
+    order = probs.argsort(descending=True)
+    cumulative = probs[order].cumsum(0)
+    nucleus = order[: int((cumulative < config.top_p).sum()) + 1]
+    expected = torch.zeros_like(probs)
+    expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+    n = 40_000
+    torch.manual_seed(0)
+    tokens, logps = _sample(logits.expand(n, -1), config)
+    freq = torch.bincount(tokens, minlength=len(logits)).float() / n
+    stderr = (expected * (1 - expected) / n).sqrt()
+    assert torch.all((freq - expected).abs() <= 5 * stderr + 1e-9)
+    torch.testing.assert_close(logps, expected[tokens].log())
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    tokens, logps = _sample(logits, SamplingConfig(do_sample=False, temperature=2.0))
+    assert tokens.tolist() == [1, 0]
+    torch.testing.assert_close(logps, (logits / 2.0).log_softmax(-1)[[0, 1], [1, 0]])
+
+
+def _filled_cache(batch: int = 3, length: int = 5) -> DynamicCache:
+    cache = DynamicCache()
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        k = torch.randn(batch, 2, length, 4, generator=gen)
+        cache.update(k, k + 1, layer)
+    return cache
+
+
+def test_the_preallocated_cache_writes_in_place_and_matches_concatenation():
+    dynamic, preallocated = _filled_cache(), _filled_cache()
+    preallocate(preallocated, capacity=8)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in preallocated.layers)
+    storage = preallocated.layers[0]._keys.data_ptr()
+    for step in range(3):
+        new = torch.full((3, 2, 1, 4), float(step))
+        for layer in range(2):
+            expected = dynamic.update(new, new, layer)
+            got = preallocated.update(new, new, layer)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert preallocated.layers[0]._keys.data_ptr() == storage  # no copy while decoding
+    assert preallocated.get_seq_length() == dynamic.get_seq_length() == 8
+    keep = torch.tensor([2, 0])
+    dynamic.batch_select_indices(keep)
+    preallocated.batch_select_indices(keep)
+    for ours, theirs in zip(preallocated.layers, dynamic.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        preallocated.update(new[:2], new[:2], 0)
