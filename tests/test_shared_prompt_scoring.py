@@ -24,6 +24,8 @@ from fgrpo_pipeline.rollout import (
     rows_logprobs,
     token_logprobs,
 )
+from fgrpo_pipeline.rollout import logprobs as logprobs_module
+from fgrpo_pipeline.rollout.logprobs import bucket_rows
 from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
 
 G = 4
@@ -140,7 +142,7 @@ def test_sharing_runs_each_prompt_once(policy, batch):
     predicts nothing that is scored, so it is never fed."""
     p, n, lp, t = _sizes(batch)
     with torch.no_grad(), counting_positions(policy.model) as seen:
-        batch_logprobs(policy.model, batch, TEMPERATURE)
+        batch_logprobs(policy.model, batch, TEMPERATURE, length_buckets=1)
     assert seen == [p * lp, n * (t - 1)]
     with torch.no_grad(), counting_positions(policy.model) as seen:
         batch_logprobs(policy.model, batch, TEMPERATURE, share_prompts=False)
@@ -161,11 +163,13 @@ def test_micro_batch_positions_count_each_slice_s_prompts_once(policy, batch):
     p, n, lp, t = _sizes(batch)
     assert (p, n) == (4, 16)
     with torch.no_grad(), counting_positions(policy.model) as seen:
-        batch_logprobs(policy.model, batch, TEMPERATURE, 3)
+        batch_logprobs(policy.model, batch, TEMPERATURE, 3, length_buckets=1)
     # Slices 0-2 | 3-5 | 6-8 | 9-11 | 12-14 | 15 hold groups 0 | 0,1 | 1,2 | 2 | 3 | 3; the
-    # last is a single row, scored the plain way.
+    # last is a single row, scored the plain way. A slice's completions run as far as its
+    # longest one needs (a row of length m feeds m - 1 tokens).
     prompts_per_slice = [1, 2, 2, 1, 1]
-    expected = [x for k in prompts_per_slice for x in (k * lp, 3 * (t - 1))]
+    widths = [int(batch.lengths[i : i + 3].max()) - 1 for i in range(0, 15, 3)]
+    expected = [x for k, w in zip(prompts_per_slice, widths, strict=True) for x in (k * lp, 3 * w)]
     assert seen == [*expected, lp + t]
 
 
@@ -396,3 +400,69 @@ def test_shared_prefill_leaves_rng_mode_and_generation_config_as_they_were(polic
     assert torch.equal(torch.rand(4), expected)
     assert model.training
     assert model.generation_config is saved
+
+
+# Completions in passes of similar lengths ----------------------------------------------------
+
+
+def _bucket_cost(groups, widths, overhead):
+    return sum(len(g) * max(widths[r] for r in g) + overhead for g in groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_are_the_cheapest_split_of_the_sorted_widths(seed):
+    """Against every split of the sorted distinct widths into at most B ranges."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    widths = [rng.choice([0, 1, 2, 5, 9, 10, 17, 30]) for _ in range(rng.randint(1, 40))]
+    max_buckets, overhead = rng.randint(1, 4), rng.choice([0, 8, 64])
+    groups = bucket_rows(widths, max_buckets, overhead)
+    assert sorted(r for g in groups for r in g) == list(range(len(widths)))
+    assert all(g == sorted(g) for g in groups) and len(groups) <= max_buckets
+    values = sorted(set(widths))
+    best = _bucket_cost([list(range(len(widths)))], widths, overhead)
+    for k in range(1, min(max_buckets, len(values))):
+        for cuts in itertools.combinations(range(1, len(values)), k):
+            ranges = zip((0, *cuts), (*cuts, len(values)), strict=True)
+            split = [
+                [r for r, w in enumerate(widths) if values[i] <= w <= values[j - 1]]
+                for i, j in ranges
+            ]
+            best = min(best, _bucket_cost(split, widths, overhead))
+    assert _bucket_cost(groups, widths, overhead) == best
+
+
+def test_one_bucket_keeps_the_rows_in_order():
+    assert bucket_rows([3, 1, 2], 1) == [[0, 1, 2]]
+    assert bucket_rows([3, 1, 30, 30], 4, overhead=1000) == [[0, 1, 2, 3]]
+    assert bucket_rows([3, 1, 30, 30], 4, overhead=0) == [[1], [0], [2, 3]]
+
+
+@pytest.fixture
+def split_by_length(monkeypatch):
+    """Every width its own pass: the test model's short completions would not split."""
+    monkeypatch.setattr(logprobs_module, "BUCKET_OVERHEAD_POSITIONS", 0)
+
+
+def test_length_buckets_run_each_row_as_far_as_it_needs(policy, batch, split_by_length):
+    p, n, lp, _ = _sizes(batch)
+    widths = (batch.lengths - 1).clamp(min=0).tolist()
+    groups = bucket_rows(widths, 4)
+    assert len(groups) > 1
+    with torch.no_grad(), counting_positions(policy.model) as seen:
+        batch_logprobs(policy.model, batch, TEMPERATURE, length_buckets=4)
+    passes = [len(g) * max(widths[r] for r in g) for g in groups]
+    assert seen == [p * lp, *[x for x in passes if x]]
+    assert sum(seen[1:]) < n * (max(widths))
+
+
+@pytest.mark.parametrize("micro", [0, 5])
+def test_length_buckets_give_the_same_values_and_gradients(policy, batch, split_by_length, micro):
+    model, weights = policy.model, _weights(batch)
+    expected = _unshared(model, batch)
+    reference = _grads(model, expected, weights)
+    logps = batch_logprobs(model, batch, TEMPERATURE, micro, length_buckets=4)
+    torch.testing.assert_close(logps, expected.detach(), atol=ATOL, rtol=0)
+    _assert_same_grads(_grads(model, logps, weights), reference)

@@ -22,11 +22,20 @@ shared.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from fgrpo_pipeline.rollout.engine import RolloutBatch
+
+# Teacher-forced passes run completions in up to this many passes of similar lengths.
+DEFAULT_LENGTH_BUCKETS = 4
+# What a forward pass costs beyond its token positions, in positions: splitting a batch into
+# length buckets pays one pass per bucket. Measured on the realistic benchmark shape, 16 to
+# 256 give the same split (docs/benchmarks.md); at the default tiny shape it keeps one pass.
+BUCKET_OVERHEAD_POSITIONS = 64
 
 
 def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
@@ -70,16 +79,25 @@ def batch_logprobs(
     micro_batch_size: int = 0,
     *,
     share_prompts: bool = True,
+    length_buckets: int = DEFAULT_LENGTH_BUCKETS,
 ) -> Tensor:
     """:func:`token_logprobs` of a rollout batch's completions under ``model``, computed
     ``micro_batch_size`` sequences at a time (0 = all at once) to bound activation memory.
 
     Each micro-batch goes through :func:`rows_logprobs`, which runs every distinct prompt
-    once rather than once per completion (``share_prompts=False`` forces the plain path).
+    once rather than once per completion (``share_prompts=False`` forces the plain path),
+    and its completions in up to ``length_buckets`` passes of similar lengths.
     """
     return torch.cat(
         [
-            rows_logprobs(model, batch, rows, temperature, share_prompts=share_prompts)
+            rows_logprobs(
+                model,
+                batch,
+                rows,
+                temperature,
+                share_prompts=share_prompts,
+                length_buckets=length_buckets,
+            )
             for rows in micro_batches(batch.completion_ids.shape[0], micro_batch_size)
         ]
     )
@@ -92,6 +110,7 @@ def rows_logprobs(
     temperature: float = 1.0,
     *,
     share_prompts: bool = True,
+    length_buckets: int = DEFAULT_LENGTH_BUCKETS,
 ) -> Tensor:
     """:func:`token_logprobs` [len(rows), T] of the completions in ``batch``'s rows ``rows``
     (a consecutive slice, which may cut groups), with each distinct prompt run once.
@@ -99,7 +118,10 @@ def rows_logprobs(
     The G rows of a group share their prompt, so teacher forcing them one by one runs the
     prompt G times. Here the slice's distinct prompts (row // G) run once, with a KV cache,
     whose rows are then repeated to the completions, which run on top of it: P·L_prompt +
-    N·(T − 1) token positions instead of N·(L_prompt + T). The log-probs and their gradients
+    N·(T − 1) token positions instead of N·(L_prompt + T). With ``length_buckets`` > 1 the
+    completions run in up to that many passes of rows of similar length
+    (:func:`bucket_rows`), each padded only to its own longest row, so short completions
+    do not pay for the longest. The log-probs and their gradients
     are those of :func:`token_logprobs` (same masks, same position ids), up to float
     rounding. That path is used instead when sharing cannot work or gains nothing: when
     ``share_prompts`` is False, every prompt of the slice occurs once, the model checkpoints
@@ -110,7 +132,7 @@ def rows_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     rows = slice(*rows.indices(batch.completion_ids.shape[0]))
     if share_prompts and _can_share(model, batch, rows):
-        shared = _shared_prompt_logprobs(model, batch, rows, temperature)
+        shared = _shared_prompt_logprobs(model, batch, rows, temperature, length_buckets)
         if shared is not None:
             return shared
     return token_logprobs(
@@ -170,7 +192,11 @@ def output_cache(output: object) -> tuple[str, object] | None:
 
 
 def _shared_prompt_logprobs(
-    model: PreTrainedModel, batch: RolloutBatch, rows: slice, temperature: float
+    model: PreTrainedModel,
+    batch: RolloutBatch,
+    rows: slice,
+    temperature: float,
+    max_buckets: int = 1,
 ) -> Tensor | None:
     """:func:`rows_logprobs` with each distinct prompt run once; None if the model returned
     no usable cache (the caller then takes the plain path)."""
@@ -210,23 +236,105 @@ def _shared_prompt_logprobs(
     cache_kwarg, cache = found
     # The last prompt position predicts completion token 0.
     logits = out.logits[:, -1:][group]
+    logps = sampled_logps(logits, completion_ids[:, :1], temperature)
     if n_completion > 1:
-        # Token t is predicted from position t - 1: the last completion token is never input.
-        if len(set(counts)) == 1:
-            cache.batch_repeat_interleave(counts[0])
-        else:
-            cache.batch_select_indices(group)
-        rest = model(
-            input_ids=completion_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, n_prompt:-1],
-            use_cache=True,
-            logits_to_keep=n_completion - 1,
-            **{cache_kwarg: cache},
-        ).logits
-        logits = torch.cat([logits, rest], dim=1)
-    logps = sampled_logps(logits, completion_ids, temperature)
+        # Token t is predicted from position t - 1: a row of length n needs n - 1 inputs.
+        widths = (completion_mask.sum(dim=1).long() - 1).clamp(min=0).tolist()
+        parts, order = [], []
+        for rows_b in bucket_rows(widths, max_buckets):
+            width = max(widths[r] for r in rows_b)
+            index = torch.tensor(rows_b, device=device)
+            if width == 0:
+                part = completion_mask.new_zeros(len(rows_b), n_completion - 1)
+            else:
+                part = _completion_pass(
+                    model, (cache_kwarg, cache), group[index], index, width,
+                    completion_ids, attention_mask, position_ids, n_prompt, temperature,
+                )  # fmt: skip
+                part = nn.functional.pad(part, (0, n_completion - 1 - width))
+            parts.append(part)
+            order.extend(rows_b)
+        rest = torch.cat(parts)
+        if len(parts) > 1:  # back to the rows' order
+            rest = rest[torch.tensor(order, device=device).argsort()]
+        logps = torch.cat([logps, rest], dim=1)
     return torch.where(completion_mask.bool(), logps, torch.zeros_like(logps))
+
+
+def _completion_pass(
+    model, cache, groups, index, width, completion_ids, attention_mask, position_ids,
+    n_prompt, temperature,
+) -> Tensor:  # fmt: skip
+    """Log-probs [len(index), width] of completion tokens 1..width of the rows ``index``,
+    run on a copy of the prompt cache holding each row's group's entry (``groups``)."""
+    cache_kwarg, cache = cache
+    logits = model(
+        input_ids=completion_ids[index, :width],
+        attention_mask=attention_mask[index, : n_prompt + width],
+        position_ids=position_ids[index, n_prompt : n_prompt + width],
+        use_cache=True,
+        logits_to_keep=width,
+        **{cache_kwarg: select_cache_rows(cache, groups)},
+    ).logits
+    return sampled_logps(logits, completion_ids[index, 1 : width + 1], temperature)
+
+
+def select_cache_rows(cache: object, rows: Tensor) -> object:
+    """A new cache holding ``cache``'s batch rows ``rows`` (repeats allowed); ``cache`` is
+    left as it was, so several row sets can run on one prompt pass (autograd flows back
+    through the selection into the prompt pass)."""
+    selected = copy.copy(cache)
+    selected.layers = [copy.copy(layer) for layer in cache.layers]
+    selected.batch_select_indices(rows)
+    return selected
+
+
+def bucket_rows(
+    widths: list[int], max_buckets: int, overhead: int | None = None
+) -> list[list[int]]:
+    """Rows grouped by how many positions they need (``widths``), at most ``max_buckets``
+    groups, each run as one forward pass padded to its widest row.
+
+    The groups are consecutive ranges of the sorted widths that minimise the padded
+    positions plus ``overhead`` positions per extra pass (a forward call's fixed cost:
+    splitting off a few long rows is not worth a call). One group keeps the rows' order
+    (the single padded pass of before); otherwise each group lists its rows in order.
+    ``overhead`` defaults to :data:`BUCKET_OVERHEAD_POSITIONS`."""
+    overhead = BUCKET_OVERHEAD_POSITIONS if overhead is None else overhead
+    n = len(widths)
+    values = sorted(set(widths))
+    if max_buckets <= 1 or len(values) == 1:
+        return [list(range(n))]
+    counts = [0] * len(values)
+    position = {w: i for i, w in enumerate(values)}
+    for w in widths:
+        counts[position[w]] += 1
+    m = len(values)
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+    # cost[b][j]: the values[:j] in b groups; a group values[i:j] costs its rows × values[j-1].
+    inf = float("inf")
+    cost = [[0.0] + [inf] * m]
+    cut = []
+    for _ in range(min(max_buckets, m)):
+        prev, row, at = cost[-1], [inf] * (m + 1), [0] * (m + 1)
+        for j in range(1, m + 1):
+            for i in range(j):
+                c = prev[i] + (prefix[j] - prefix[i]) * values[j - 1] + overhead
+                if c < row[j]:
+                    row[j], at[j] = c, i
+        cost.append(row)
+        cut.append(at)
+    groups = min(range(1, len(cost)), key=lambda b: cost[b][m])
+    if groups == 1:
+        return [list(range(n))]
+    bounds, j = [], m
+    for b in range(groups, 0, -1):
+        i = cut[b - 1][j]
+        bounds.append((values[i], values[j - 1]))
+        j = i
+    return [[r for r in range(n) if lo <= widths[r] <= hi] for lo, hi in reversed(bounds)]
 
 
 def micro_batches(n: int, size: int) -> list[slice]:

@@ -44,6 +44,7 @@ class TrainerConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     share_prompts: bool = True
+    length_buckets: int = 4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     engine_is_correction: bool | str = "auto"
@@ -63,7 +64,7 @@ class TrainerConfig:
             _require(
                 isinstance(value, int) and not isinstance(value, bool), name, "must be an integer"
             )
-        for name in ("steps", "prompts_per_step", "offline_batch_size"):
+        for name in ("steps", "prompts_per_step", "offline_batch_size", "length_buckets"):
             _require(getattr(self, name) >= 1, name, "must be ≥ 1")
         _require(self.group_size >= 2, "group_size", "must be ≥ 2 (advantages compare G ≥ 2)")
         _require(
@@ -234,6 +235,7 @@ def lr_factor(schedule: str, step: int, warmup_steps: int, total_steps: int) -> 
 
 _INT_FIELDS = (
     "steps",
+    "length_buckets",
     "warmup_steps",
     "prompts_per_step",
     "group_size",

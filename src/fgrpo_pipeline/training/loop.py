@@ -103,6 +103,12 @@ class TrainingRun:
     resumed_from: int = 0
     local_parameters: int = 0
 
+    @property
+    def length_buckets(self) -> int:
+        """Passes per teacher-forced batch: one under sharded weights, where every rank must
+        make the same forward calls (each gathers the shards) and lengths differ by rank."""
+        return 1 if self.runtime.shards_weights else self.config.length_buckets
+
     def learning_rate(self, step: int) -> float:
         config = self.config
         return config.learning_rate * lr_factor(

@@ -92,6 +92,7 @@ def _weights_sha256(model: torch.nn.Module) -> str:
 _LATER_DEFAULTS = {
     "mixed_precision": "no",
     "share_prompts": True,
+    "length_buckets": 1,
     "lr_schedule": "constant",
     "warmup_steps": 0,
     "engine_is_correction": "auto",

@@ -102,6 +102,7 @@ def reference_logprobs(run: TrainingRun, batch: RolloutBatch) -> Tensor:
             run.config.sampling.temperature,
             run.scorer.micro_batch_size,
             share_prompts=run.config.share_prompts,
+            length_buckets=run.length_buckets,
         )
 
 
@@ -119,12 +120,13 @@ class PolicyScorer:
 
     def logprobs(self, batch: RolloutBatch) -> Tensor:
         run = self.run
-        temperature, share = run.config.sampling.temperature, run.config.share_prompts
+        temperature = run.config.sampling.temperature
+        options = {"share_prompts": run.config.share_prompts, "length_buckets": run.length_buckets}
         if not self.micro_batch_size:
-            return batch_logprobs(run.wrapped, batch, temperature, share_prompts=share)
+            return batch_logprobs(run.wrapped, batch, temperature, **options)
         with torch.no_grad():
             logps = batch_logprobs(
-                run.rollout.model, batch, temperature, self.micro_batch_size, share_prompts=share
+                run.rollout.model, batch, temperature, self.micro_batch_size, **options
             )
         return logps.requires_grad_(True)
 
@@ -140,6 +142,7 @@ class PolicyScorer:
                 run.config.sampling.temperature,
                 no_sync=run.runtime.no_sync(run.wrapped),
                 share_prompts=run.config.share_prompts,
+                length_buckets=run.length_buckets,
             )
 
 
@@ -152,6 +155,7 @@ def backward_in_micro_batches(
     *,
     no_sync: Callable[[], AbstractContextManager] | None = None,
     share_prompts: bool = True,
+    length_buckets: int = 1,
 ) -> None:
     """Accumulate into ``model``'s gradients ``∂L/∂θ = Σ ∂L/∂logps · ∂logps/∂θ``, given
     ``logps_grad`` = ∂L/∂logps [N, T] of a rollout batch, one micro-batch of sequences at a
@@ -160,12 +164,20 @@ def backward_in_micro_batches(
     ``no_sync`` (a DDP model's ``no_sync``): every micro-batch but the last runs under it, so
     the gradients are all-reduced once, after the last one. The log-probs are recomputed as
     :func:`~fgrpo_pipeline.rollout.batch_logprobs` computed them (``share_prompts``: each
-    distinct prompt of a micro-batch run once)."""
+    distinct prompt of a micro-batch run once; ``length_buckets``: its completions in passes
+    of similar lengths)."""
     chunks = micro_batches(len(batch), micro_batch_size)
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1
         with contextlib.nullcontext() if no_sync is None or last else no_sync():
-            part = rows_logprobs(model, batch, chunk, temperature, share_prompts=share_prompts)
+            part = rows_logprobs(
+                model,
+                batch,
+                chunk,
+                temperature,
+                share_prompts=share_prompts,
+                length_buckets=length_buckets,
+            )
             part.backward(logps_grad[chunk])
 
 
