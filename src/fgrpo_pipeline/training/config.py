@@ -45,6 +45,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     share_prompts: bool = True
     length_buckets: int = 4
+    keep_freed_memory: bool = True
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     engine_is_correction: bool | str = "auto"
@@ -102,7 +103,7 @@ class TrainerConfig:
             "mixed_precision",
             f"must be one of {', '.join(MIXED_PRECISIONS)}",
         )
-        for name in ("gradient_checkpointing", "share_prompts"):
+        for name in ("gradient_checkpointing", "share_prompts", "keep_freed_memory"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
         _require(
             self.advantage_scale in ADVANTAGE_SCALES,

@@ -46,6 +46,7 @@ from fgrpo_pipeline.training.distributed import (
     enable_gradient_checkpointing,
     make_runtime,
 )
+from fgrpo_pipeline.training.malloc import keep_freed_memory
 from fgrpo_pipeline.training.preferences import PreferenceData
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,8 @@ def setup(
         )  # fmt: skip
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     set_seed(config.seed)
     policy = _working_copy(policy, config, runtime)
     reference = make_reference(policy)  # LoRA: the same weights, adapter off; else a copy

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from fgrpo_pipeline.training.preferences import PreferenceData
 
 # Training parameters a resumed run may change: how long, how often to save, threads.
-RESUME_FREE_KEYS = ("steps", "checkpoint_every", "num_threads")
+RESUME_FREE_KEYS = ("steps", "checkpoint_every", "num_threads", "keep_freed_memory")
 
 #
 # resume_dir/step_000040/   the latest state (older ones are removed once a newer one is in place)
