@@ -3,13 +3,24 @@
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
 from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
-from fgrpo_pipeline.rollout.decoding import PreallocatedLayer, _sample, preallocate
+from fgrpo_pipeline.rollout.decoding import (
+    SHARED_PREFIX_ATTENTION,
+    PreallocatedLayer,
+    SharedPrefix,
+    SharedPrefixLayer,
+    _sample,
+    _two_part_attention,
+    preallocate,
+)
 from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
 from tests.test_shared_prompt_scoring import _assert_same_rollouts, counting_positions
 
@@ -158,3 +169,99 @@ def test_the_preallocated_cache_writes_in_place_and_matches_concatenation():
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     with pytest.raises(ValueError, match="holds 8 positions"):
         preallocated.update(new[:2], new[:2], 0)
+
+
+# Each prompt's keys and values held once (cascade attention) ------------------------------------
+
+
+def test_two_part_attention_equals_attention_over_the_whole_row():
+    """Rows of unequal groups (as after drops), left-padded prompts, grouped-query heads:
+    the prompt part and the row's own part merged by log-sum-exp give full attention."""
+    gen = torch.Generator().manual_seed(0)
+    n_prompts, l_prompt, kv_heads, rep, d, own = 3, 6, 2, 2, 8, 4
+    groups = torch.tensor([0, 0, 0, 1, 2, 2])
+    padding = torch.zeros(n_prompts, l_prompt, dtype=torch.bool)
+    padding[1, :2] = True  # prompt 1 is two tokens shorter (left padding)
+    prefix_k = torch.randn(n_prompts, kv_heads, l_prompt, d, generator=gen)
+    prefix_v = torch.randn(n_prompts, kv_heads, l_prompt, d, generator=gen)
+    key = torch.randn(len(groups), kv_heads, own, d, generator=gen)
+    value = torch.randn(len(groups), kv_heads, own, d, generator=gen)
+    query = torch.randn(len(groups), kv_heads * rep, 1, d, generator=gen)
+
+    shared = SharedPrefix.__new__(SharedPrefix)
+    shared.prefix_padding = padding
+    shared._select(groups)
+    layer = SimpleNamespace(prefix_keys=prefix_k, prefix_values=prefix_v)
+    got = _two_part_attention(query, key, value, layer, shared, d**-0.5)
+
+    full_k = torch.cat([prefix_k[groups], key], dim=2).repeat_interleave(rep, dim=1)
+    full_v = torch.cat([prefix_v[groups], value], dim=2).repeat_interleave(rep, dim=1)
+    keep = torch.cat([~padding[groups], torch.ones(len(groups), own, dtype=torch.bool)], dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, full_k, full_v, attn_mask=keep[:, None, None, :]
+    )
+    torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def _recording_attach(monkeypatch) -> list:
+    attached = []
+    original = SharedPrefix.attach.__func__
+
+    def attach(cls, *args):
+        shared = original(cls, *args)
+        attached.append(shared)
+        return shared
+
+    monkeypatch.setattr(SharedPrefix, "attach", classmethod(attach))
+    return attached
+
+
+def test_decoding_holds_each_prompt_once(policy, monkeypatch):
+    attached = _recording_attach(monkeypatch)
+    get_engine("hf").generate(policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=6))
+    (shared,) = attached
+    layers = shared.cache.layers
+    assert all(isinstance(layer, SharedPrefixLayer) for layer in layers)
+    assert {layer.prefix_keys.shape[0] for layer in layers} == {len(ENGINE_PROMPTS)}
+    assert shared.calls == len(layers)  # every layer of the last step attended through it
+    assert policy.model.config._attn_implementation != SHARED_PREFIX_ATTENTION  # restored
+
+
+def test_a_model_whose_attention_ignores_the_interface_falls_back(policy, monkeypatch):
+    """If the model's attention never reaches the shared-prefix function (here: the switch
+    of attention implementation does nothing, so sdpa sees only each row's own positions),
+    the step is run again on per-row layers: generate's samples all the same."""
+    attached = _recording_attach(monkeypatch)
+    monkeypatch.setattr(SharedPrefix, "attending", lambda self, model: contextlib.nullcontext())
+    config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=0)
+    ours = get_engine("hf", drop_finished=False).generate(policy, ENGINE_PROMPTS, G, config)
+    theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
+    _assert_same_rollouts(ours, theirs)
+    assert attached[0].calls == 0
+    assert not any(isinstance(layer, SharedPrefixLayer) for layer in attached[0].cache.layers)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"drop_finished": "no"}, "'drop_finished' must be true or false"),
+        ({"cascade_attention": 1}, "'cascade_attention' must be true or false"),
+        ({"beam_width": 2}, "unexpected keyword argument 'beam_width'"),
+    ],
+)
+def test_bad_engine_options_are_refused_naming_the_option(options, message):
+    from fgrpo_pipeline.training.config import TrainerConfig
+
+    with pytest.raises(ValueError, match=f"engine_options.*{message}"):
+        TrainerConfig(engine_options=options)
+
+
+@pytest.mark.parametrize("cascade_attention", [True, False])
+def test_cascade_attention_can_be_switched_off(policy, monkeypatch, cascade_attention):
+    attached = _recording_attach(monkeypatch)
+    config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=0)
+    engine = get_engine("hf", drop_finished=False, cascade_attention=cascade_attention)
+    ours = engine.generate(policy, ENGINE_PROMPTS, G, config)
+    theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
+    _assert_same_rollouts(ours, theirs)
+    assert len(attached) == int(cascade_attention)

@@ -6,7 +6,9 @@ from it, and at CPU sizes its overhead and its growing cache are most of the ste
 loop samples exactly as ``generate`` does with the knobs the engine sets (temperature, then
 top-p, top-k off; or greedy), and does less work per token:
 
-* **each distinct prompt is prefilled once** and its cache repeated to its G rows;
+* **each distinct prompt is prefilled once**, and its keys and values are **held once**
+  for its G rows (``cascade_attention``, :class:`SharedPrefix`): a decoding step reads
+  each prompt's cache once, not G times (else the cache is repeated to the rows);
 * **the KV cache is allocated once** for the longest sequence (:class:`PreallocatedLayer`):
   a step writes one position in place, where ``DynamicCache`` concatenates, i.e. copies
   the whole cache, every step;
@@ -23,11 +25,13 @@ rows changes which random numbers fall to which row, not the distribution.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from fgrpo_pipeline.rollout.engine import SamplingConfig
@@ -54,13 +58,17 @@ class PreallocatedLayer(DynamicLayer):
     ``update`` writes the new positions in place and returns views of the filled part, so a
     decoding step costs O(1) cache traffic instead of a copy of the whole cache."""
 
-    def __init__(self, layer: DynamicLayer, capacity: int) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
         super().__init__()
-        self.device, self.is_initialized = layer.device, True
-        self.length = layer.keys.shape[-2]
-        self._keys = _buffer(layer.keys, capacity)
-        self._values = _buffer(layer.values, capacity)
+        self.device, self.is_initialized = keys.device, True
+        self.length = keys.shape[-2]
+        self._keys = _buffer(keys, capacity)
+        self._values = _buffer(values, capacity)
         self._views()
+
+    @classmethod
+    def of(cls, layer: DynamicLayer, capacity: int) -> PreallocatedLayer:
+        return cls(layer.keys, layer.values, capacity)
 
     def _views(self) -> None:
         self.keys = self._keys[:, :, : self.length]
@@ -93,6 +101,33 @@ class PreallocatedLayer(DynamicLayer):
         self._views()
 
 
+class SharedPrefixLayer(PreallocatedLayer):
+    """A layer's cache for the G completions of each of P prompts: the prompts' keys and
+    values held once ([P, H_kv, L_prompt, D], ``prefix_*``), and each running row's own
+    completion positions in a buffer allocated once (what ``update`` fills and returns).
+
+    Only :func:`shared_prefix_attention` can attend over it: it combines the row's prompt
+    (its group's prefix) with the row's own positions. The sequence length it reports is
+    the whole one, prompt included, as the model's position bookkeeping expects."""
+
+    def __init__(self, layer: DynamicLayer, rows: int, capacity: int) -> None:
+        self.prefix_keys, self.prefix_values = layer.keys, layer.values
+        _, h, _, d = layer.keys.shape
+        empty = layer.keys.new_empty(rows, h, 0, d)
+        super().__init__(
+            empty, layer.values.new_empty(rows, h, 0, layer.values.shape[-1]), capacity
+        )
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[-2] + self.length
+
+    def unshared(self, groups: Tensor, capacity: int) -> PreallocatedLayer:
+        """The plain layer of the same rows: each row's prompt prefix, then its positions."""
+        keys = torch.cat([self.prefix_keys[groups], self.keys], dim=2)
+        values = torch.cat([self.prefix_values[groups], self.values], dim=2)
+        return PreallocatedLayer(keys, values, capacity)
+
+
 def _buffer(filled: Tensor, capacity: int) -> Tensor:
     """A [B, H, capacity, D] buffer whose first positions hold ``filled`` [B, H, L, D]."""
     b, h, n, d = filled.shape
@@ -108,7 +143,137 @@ def preallocate(cache: object, capacity: int) -> None:
     layers = getattr(cache, "layers", [])
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            layers[i] = PreallocatedLayer(layer, capacity)
+            layers[i] = PreallocatedLayer.of(layer, capacity)
+
+
+# The attention over a SharedPrefixLayer, registered with transformers under this name; the
+# decoding loop names it in the model's config for its decoding steps only.
+SHARED_PREFIX_ATTENTION = "fgrpo_shared_prefix"
+_ACTIVE: ContextVar[SharedPrefix | None] = ContextVar(SHARED_PREFIX_ATTENTION, default=None)
+
+
+class SharedPrefix:
+    """Decoding with each prompt's keys and values held once for its G rows (cascade
+    attention): the cache's layers become :class:`SharedPrefixLayer`, and while a step runs
+    under :meth:`attending` the model's attention is :func:`shared_prefix_attention`.
+
+    The G rows of a prompt would otherwise each hold, and each step read, a copy of the
+    prompt's keys and values: G times the memory traffic over positions that are the same.
+    Running rows are kept in group order; ``slot`` is a row's place within its group."""
+
+    def __init__(self, cache: object, prompt_mask: Tensor, group_size: int, capacity: int):
+        self.cache = cache
+        self.prefix_padding = prompt_mask == 0  # [P, L_prompt]
+        self.plain_capacity = prompt_mask.shape[1] + capacity
+        rows = prompt_mask.shape[0] * group_size
+        for i, layer in enumerate(cache.layers):
+            cache.layers[i] = SharedPrefixLayer(layer, rows, capacity)
+        groups = torch.arange(prompt_mask.shape[0], device=prompt_mask.device)
+        self._select(groups.repeat_interleave(group_size))
+        self.calls = 0
+
+    @classmethod
+    def attach(
+        cls, cache: object, prompt_mask: Tensor, group_size: int, capacity: int
+    ) -> SharedPrefix | None:
+        """Hold ``cache``'s prompts once, if every layer is a plain full-attention one."""
+        layers = getattr(cache, "layers", None)
+        if not layers or any(
+            type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers
+        ):
+            return None
+        return cls(cache, prompt_mask, group_size, capacity)
+
+    def _select(self, groups: Tensor) -> None:
+        self.groups = groups
+        self.slot = torch.arange(len(groups), device=groups.device) - torch.searchsorted(
+            groups, groups
+        )
+        self.max_group = int(self.slot.max()) + 1
+
+    def drop(self, keep: Tensor) -> None:
+        """Keep only the running rows ``keep``."""
+        self.cache.batch_select_indices(keep)
+        self._select(self.groups[keep])
+
+    @contextlib.contextmanager
+    def attending(self, model: PreTrainedModel):
+        """The model's attention is :func:`shared_prefix_attention` within the block."""
+        config = model.config
+        saved = config._attn_implementation
+        token = _ACTIVE.set(self)
+        config._attn_implementation = SHARED_PREFIX_ATTENTION
+        self.calls = 0
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+            _ACTIVE.reset(token)
+
+    def routed(self) -> bool:
+        """Whether every layer's attention of the last step went through this class."""
+        return self.calls == len(self.cache.layers)
+
+    def unshare(self, length: int) -> None:
+        """Back to plain per-row layers holding the first ``length`` completion positions."""
+        for i, layer in enumerate(self.cache.layers):
+            layer.length = length
+            layer._views()
+            self.cache.layers[i] = layer.unshared(self.groups, self.plain_capacity)
+
+
+def shared_prefix_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
+    """transformers' attention-function signature, for one new token per row: the softmax
+    over the row's prompt (its group's prefix, padding masked) and its own positions
+    (``key`` / ``value``), computed as two parts merged by their log-sum-exp (exact up to
+    float rounding). Returns ([B, 1, H, D], None)."""
+    shared = _ACTIVE.get()
+    if shared is None:
+        raise RuntimeError(f"{SHARED_PREFIX_ATTENTION} attention outside a shared-prefix decode")
+    layer = shared.cache.layers[module.layer_idx]
+    shared.calls += 1
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    return _two_part_attention(query, key, value, layer, shared, scale), None
+
+
+def _two_part_attention(query, key, value, layer, shared, scale) -> Tensor:
+    b, h, _, d = query.shape
+    kv_heads = key.shape[1]
+    rep = h // kv_heads  # query heads per key/value head (grouped-query attention)
+    q = query.reshape(b, kv_heads, rep, d) * scale
+    # The prompt part: each prompt's rows' queries packed together (zeros in empty slots), one
+    # product with its keys; then back to the rows.
+    n_prompts, width = layer.prefix_keys.shape[0], shared.max_group
+    packed = q.new_zeros(n_prompts, width, kv_heads, rep, d)
+    packed[shared.groups, shared.slot] = q
+    packed = packed.permute(0, 2, 1, 3, 4).reshape(n_prompts, kv_heads, width * rep, d)
+    scores = packed @ layer.prefix_keys.transpose(-1, -2)
+    scores = scores.masked_fill(shared.prefix_padding[:, None, None, :], float("-inf"))
+    prompt_max = scores.amax(dim=-1, keepdim=True)
+    weights = (scores - prompt_max).exp()
+    prompt_sum = weights.sum(dim=-1, keepdim=True)
+    prompt_out = weights @ layer.prefix_values
+
+    def rows(x: Tensor) -> Tensor:  # [P, H_kv, width·rep, E] → [B, H_kv, rep, E]
+        x = x.reshape(n_prompts, kv_heads, width, rep, x.shape[-1]).permute(0, 2, 1, 3, 4)
+        return x[shared.groups, shared.slot]
+
+    prompt_max, prompt_sum, prompt_out = rows(prompt_max), rows(prompt_sum), rows(prompt_out)
+    # The row's own positions.
+    scores = q @ key.transpose(-1, -2)
+    own_max = scores.amax(dim=-1, keepdim=True)
+    weights = (scores - own_max).exp()
+    own_sum = weights.sum(dim=-1, keepdim=True)
+    own_out = weights @ value
+    top = torch.maximum(prompt_max, own_max)
+    prompt_w, own_w = (prompt_max - top).exp(), (own_max - top).exp()
+    out = (prompt_out * prompt_w + own_out * own_w) / (prompt_sum * prompt_w + own_sum * own_w)
+    return out.reshape(b, 1, h, value.shape[-1])
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
 
 
 def decode(
@@ -122,11 +287,14 @@ def decode(
     *,
     share_prompts: bool = True,
     drop_finished: bool = True,
+    cascade_attention: bool = True,
 ) -> Decoded | None:
     """Sample ``group_size`` completions of each left-padded prompt row (P rows → N = P·G
-    completions, the G of a prompt consecutive). The caller seeds the RNG and sets no-grad
-    and eval mode. None if the model's forward returns no cache this loop can drive (the
-    engine then falls back to ``generate``)."""
+    completions, the G of a prompt consecutive). ``share_prompts``: prefill each prompt
+    once (else every row); ``cascade_attention``: and hold its keys and values once
+    (:class:`SharedPrefix`; else repeated per row). The caller seeds the RNG and sets
+    no-grad and eval mode. None if the model's forward returns no cache this loop can drive
+    (the engine then falls back to ``generate``)."""
     n_prompt = prompt_ids.shape[1]
     n = prompt_ids.shape[0] * group_size
     if not share_prompts:
@@ -144,12 +312,18 @@ def decode(
         return None
     cache_kwarg, cache = found
     logits = out.logits[:, -1]
-    if share_prompts and group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-        logits = logits.repeat_interleave(group_size, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
     max_new = sampling.max_new_tokens
-    preallocate(cache, n_prompt + max_new - 1)  # the last sampled token is never fed back
+    shared = None
+    if share_prompts and group_size > 1:
+        logits = logits.repeat_interleave(group_size, dim=0)
+        # The last sampled token is never fed back: max_new - 1 positions per row.
+        if cascade_attention:
+            shared = SharedPrefix.attach(cache, prompt_mask, group_size, max_new - 1)
+        if shared is None:
+            cache.batch_repeat_interleave(group_size)
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    if shared is None:
+        preallocate(cache, n_prompt + max_new - 1)
 
     device = prompt_ids.device
     mask = torch.ones(n, n_prompt + max_new, dtype=prompt_mask.dtype, device=device)
@@ -171,9 +345,15 @@ def decode(
             break
         if drop_finished and int(done.sum()) >= DROP_FINISHED_SHARE * len(done):
             keep = (~done).nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            if shared is not None:
+                shared.drop(keep)
+            else:
+                cache.batch_select_indices(keep)
             rows, done, token = rows[keep], done[keep], token[keep]
-        out = model(
+        out, shared = _step(
+            model,
+            shared,
+            t,
             input_ids=token.unsqueeze(1),
             attention_mask=mask[rows, : n_prompt + t + 1],
             position_ids=(first_position[rows] + t).unsqueeze(1),
@@ -182,6 +362,25 @@ def decode(
         )
         logits = out.logits[:, -1]
     return Decoded(tokens[:, :steps], logps[:, :steps])
+
+
+def _step(model, shared: SharedPrefix | None, t: int, **inputs):
+    """One decoding forward; with ``shared``, under its attention. A model whose attention
+    does not go through transformers' attention interface never reaches the shared one (it
+    fails on the shapes, or computes over each row's own positions only): its cache goes
+    back to plain per-row layers and the step runs again. Returns (output, the shared state
+    still in use or None)."""
+    if shared is None:
+        return model(**inputs), None
+    try:
+        with shared.attending(model):
+            out = model(**inputs)
+        if shared.routed():
+            return out, shared
+    except RuntimeError:
+        pass
+    shared.unshare(length=t)
+    return model(**inputs), None
 
 
 def _sample(logits: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,8 @@ class HFEngine:
     """Batched sampling from a ``transformers`` causal LM: all P·G sequences at once.
 
     By default the engine runs its own decoding loop (:mod:`.decoding`): each distinct
-    prompt prefilled once, a KV cache allocated once, finished rows dropped from the batch
+    prompt prefilled once, its keys and values held once for its G rows
+    (``cascade_attention``), a KV cache allocated once, finished rows dropped from the batch
     (``drop_finished``), the sampling rule that of ``generate`` with the engine's knobs.
     ``use_generate=True`` calls ``model.generate`` instead (also the fall-back for a model
     whose forward returns no cache the loop can drive); there, with ``share_prompts`` (the
@@ -37,10 +38,24 @@ class HFEngine:
     """
 
     def __init__(
-        self, share_prompts: bool = True, drop_finished: bool = True, use_generate: bool = False
+        self,
+        share_prompts: bool = True,
+        drop_finished: bool = True,
+        cascade_attention: bool = True,
+        use_generate: bool = False,
     ) -> None:
+        options = {
+            "share_prompts": share_prompts,
+            "drop_finished": drop_finished,
+            "cascade_attention": cascade_attention,
+            "use_generate": use_generate,
+        }
+        for name, value in options.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"hf engine option {name!r} must be true or false, got {value!r}")
         self.share_prompts = share_prompts
         self.drop_finished = drop_finished
+        self.cascade_attention = cascade_attention
         self.use_generate = use_generate
 
     def generate(
@@ -82,6 +97,7 @@ class HFEngine:
                     pad_id,
                     share_prompts=self.share_prompts,
                     drop_finished=self.drop_finished,
+                    cascade_attention=self.cascade_attention,
                 )
             if decoded is None:
                 decoded = self._generate(model, encoded, prompt_ids, prompt_mask, config, sampling)

@@ -127,7 +127,7 @@ class TrainerConfig:
         self.engine_options = dict(self.engine_options or {})
         try:
             get_engine(self.engine, **self.engine_options)  # engines import heavy packages lazily
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(
                 f"training parameter 'engine_options' for {self.engine!r}: {err}"
             ) from None
