@@ -182,12 +182,17 @@ def project_parameters() -> dict[str, Any]:
 
 def default_prompts(params: Mapping[str, Any]):
     """The train split of ``data_preparation``'s arithmetic prompts."""
+    return split_prompts(params, "train")
+
+
+def split_prompts(params: Mapping[str, Any], split: str):
+    """One split (train, test, ood) of ``data_preparation``'s arithmetic prompts."""
     from fgrpo_pipeline.tasks.sources import make_arithmetic_prompts
 
     options = dict(params["data_preparation"]["arithmetic"])
     options["operations"] = tuple(options["operations"])
     prompts = make_arithmetic_prompts(**options)
-    return prompts[prompts["split"] == "train"].reset_index(drop=True)
+    return prompts[prompts["split"] == split].reset_index(drop=True)
 
 
 def base_policy(params: Mapping[str, Any], prompts, *, warm: bool = True):
@@ -361,3 +366,67 @@ def save_policy(policy, directory: Path) -> Path:
     policy.model.save_pretrained(directory)
     policy.tokenizer.save_pretrained(directory)
     return directory
+
+
+# --- One measurement in a fresh interpreter -------------------------------------------------
+#
+# Process-wide state (the C allocator's settings, its heap, torch's thread pools) carries over
+# from one trainer to the next within a process; each configuration of ``speedups.py`` and
+# ``vs_trl.py`` therefore runs in an interpreter of its own, started by ``in_child``. The child
+# is the same script run with ``--child '<json spec>'``; it prints its result as the last line.
+
+
+def in_child(script: str | Path, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run ``script --child <spec>`` in a new interpreter; its last stdout line, as JSON."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(script), "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} child {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_spec(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The spec of ``--child <json>`` in ``argv``, or None in the parent."""
+    if "--child" not in argv:
+        return None
+    return json.loads(argv[argv.index("--child") + 1])
+
+
+def quiet_libraries() -> None:
+    """No third-party warnings or progress bars in a benchmark's output."""
+    import logging
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("trl").setLevel(logging.ERROR)
+
+
+def shape_inputs(
+    shape: str,
+    params: Mapping[str, Any],
+    max_new_tokens: int | None = None,
+    *,
+    build_policy: bool = True,
+):
+    """(prompts, policy, training overrides, reward function) of a benchmark shape: ``tiny``
+    (the default run's: its train split, its warmed-up base policy, conf/base's training,
+    ``exact_number``) or ``realistic`` (see above; ``digit_share``). The policy is None
+    without ``build_policy`` (a child loads the parent's saved copy)."""
+    if shape == "tiny":
+        prompts = default_prompts(params)
+        return prompts, base_policy(params, prompts) if build_policy else None, {}, None
+    length = max_new_tokens or REALISTIC_MAX_NEW_TOKENS
+    policy = (
+        realistic_policy(max_position_embeddings=max(512, 128 + length)) if build_policy else None
+    )
+    return realistic_prompts(), policy, realistic_overrides(length), digit_share

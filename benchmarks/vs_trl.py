@@ -55,12 +55,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
+import json
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,6 +69,8 @@ import torch
 SHAPES = ("tiny", "realistic")
 # --steps / --warmup-steps when not given: a realistic step is ~10-50× a tiny one.
 DEFAULT_STEPS = {"tiny": (40, 5), "realistic": (20, 3)}
+# Ours / TRL's step time to reach (against TRL with a reference model, β > 0).
+GOAL_RATIO = {"tiny": 0.6, "realistic": 0.5}
 PHASE_GROUPS = ("generation", "scoring", "update")
 TRL_PHASES = (
     "generation",
@@ -295,58 +296,61 @@ def run_trl(
         }
 
 
+def child(spec: dict) -> dict:
+    """One configuration's run, in an interpreter of its own (see ``run_rounds``)."""
+    common.quiet_libraries()
+    torch.set_num_threads(spec["threads"])
+    params = common.project_parameters()
+    prompts, _, overrides, reward = common.shape_inputs(
+        spec["shape"], params, spec["max_new_tokens"], build_policy=False
+    )
+    runner = {"ours": run_ours, "trl": run_trl}[spec["trainer"]]
+    options = {"reward_fn": reward} if spec["trainer"] == "ours" else {"reward": reward}
+    if spec["trainer"] == "trl":
+        options["beta"] = spec["beta"]
+    return runner(
+        Path(spec["model_dir"]),
+        params,
+        prompts,
+        steps=spec["steps"],
+        warmup=spec["warmup"],
+        overrides=overrides,
+        **options,
+    )
+
+
 def run_rounds(
     model_dir: Path,
-    params,
-    prompts,
     *,
     args,
     threads: int,
-    overrides: dict | None = None,
-    reward=None,
+    max_new_tokens: int | None = None,
     tag: str = "",
 ) -> dict[str, list[dict]]:
-    """Every configuration (ours, then TRL at each β) once per round, each measured clean.
-
-    ``reward`` goes to both trainers (None: each its default, ``exact_number``).
-    """
+    """Every configuration (ours, then TRL at each β) once per round, each measured clean,
+    each in a fresh interpreter: process-wide state (the C allocator's settings and heap,
+    thread pools) must not pass from one trainer to the next."""
     runs: dict[str, list[dict]] = defaultdict(list)
+    configs = [("ours", None), *(("trl", beta) for beta in args.betas)]
     for round_ in range(args.rounds):
-        torch.set_num_threads(threads)
-        run, foreign, tries = common.measure_clean(
-            lambda: run_ours(
-                model_dir,
-                params,
-                prompts,
-                steps=args.steps,
-                warmup=args.warmup_steps,
-                overrides=overrides,
-                reward_fn=reward,
-            ),
-            label=f"{tag}ours",
-        )
-        runs["ours"].append({**run, "foreign_cpu_cores": foreign, "tries": tries})
-        median = statistics.median(runs["ours"][-1]["step_times"])
-        print(f"{tag}round {round_}: ours {median:.4f}")
-        for beta in args.betas:
-            torch.set_num_threads(threads)
-            name = f"trl_beta_{beta:g}"
+        for trainer, beta in configs:
+            name = "ours" if trainer == "ours" else f"trl_beta_{beta:g}"
+            spec = {
+                "trainer": trainer,
+                "beta": beta,
+                "shape": args.shape,
+                "max_new_tokens": max_new_tokens,
+                "model_dir": str(model_dir),
+                "steps": args.steps,
+                "warmup": args.warmup_steps,
+                "threads": threads,
+            }
             run, foreign, tries = common.measure_clean(
-                lambda beta=beta: run_trl(
-                    model_dir,
-                    params,
-                    prompts,
-                    beta=beta,
-                    steps=args.steps,
-                    warmup=args.warmup_steps,
-                    overrides=overrides,
-                    reward=reward,
-                ),
-                label=f"{tag}{name}",
+                lambda spec=spec: common.in_child(__file__, spec), label=f"{tag}{name}"
             )
             runs[name].append({**run, "foreign_cpu_cores": foreign, "tries": tries})
             median = statistics.median(runs[name][-1]["step_times"])
-            print(f"{tag}round {round_}: {name} {median:.4f}")
+            print(f"{tag}round {round_}: {name} {median:.4f}", flush=True)
     return runs
 
 
@@ -398,6 +402,12 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "completion_length": _mean_of(reps, "completion_length"),
             "completion_tokens_per_step": tokens,
             "tokens_per_s": tokens / step if tokens is not None else None,
+            # each phase group's cost per generated completion token (µs)
+            "phase_groups_us_per_token": (
+                {k: v / tokens * 1e6 for k, v in phase_groups(name, phases, step).items()}
+                if tokens
+                else None
+            ),
             "reward_mean": _mean_of(reps, "reward_mean"),
             **({"reference_model": reps[0]["reference_model"]} if "beta" in reps[0] else {}),
         }
@@ -436,6 +446,13 @@ def print_table(summary: dict) -> None:
         )
     for name, ratios in summary["ratio_ours_to_trl_per_round"].items():
         print(f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print(f"{'µs per generated token':>24}{'gen':>9}{'score':>9}{'update':>9}{'other':>9}")
+    for name, c in summary["configs"].items():
+        per_token = c["phase_groups_us_per_token"] or {}
+        print(
+            f"{name:>24}"
+            + "".join(f"{per_token.get(k, float('nan')):>9.1f}" for k in (*PHASE_GROUPS, "other"))
+        )
 
 
 def growth(per_length: dict[int, dict]) -> dict:
@@ -489,6 +506,10 @@ def print_growth(table: dict) -> None:
 
 
 def main() -> None:
+    spec = common.child_spec(sys.argv)
+    if spec is not None:
+        print(json.dumps(child(spec)))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="tiny", help="the work (see above)")
     parser.add_argument(
@@ -518,13 +539,7 @@ def main() -> None:
         import trl
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("trl").setLevel(logging.ERROR)
-
+    common.quiet_libraries()
     threads = common.set_threads(args.threads)
     load = common.wait_for_quiet(args.max_load)
     params = common.project_parameters()
@@ -537,7 +552,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = common.save_policy(policy, Path(tmp) / "policy")
-        runs = run_rounds(model_dir, params, prompts, args=args, threads=threads)
+        runs = run_rounds(model_dir, args=args, threads=threads)
 
     results: dict = {
         "benchmark": "vs_trl",
@@ -561,13 +576,9 @@ def main() -> None:
         "machine": common.machine_info(),
         **summarise(runs),
     }
-    results["goal_ratio_at_most"] = 0.7
-    print(f"\n{'config':>14}{'median step s':>16}{'ours / it':>12}")
-    for name, cfg_ in results["configs"].items():
-        ratio = results["ratio_ours_to_trl"].get(name, 1.0)
-        print(f"{name:>14}{cfg_['step_time_s']['median']:>16.4f}{ratio:>12.3f}")
-    for name, ratios in results["ratio_ours_to_trl_per_round"].items():
-        print(f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+    results["goal_ratio_at_most"] = GOAL_RATIO["tiny"]
+    print()
+    print_table(results)
     for name, cfg_ in results["configs"].items():
         print(name, {k: round(v, 4) for k, v in cfg_["phases_median_s"].items()})
     common.write_result("vs_trl", results, args.out)
@@ -587,12 +598,9 @@ def realistic(args, params, threads: int, load: dict, trl_version: str) -> None:
         for length in lengths:
             runs = run_rounds(
                 model_dir,
-                params,
-                prompts,
                 args=args,
                 threads=threads,
-                overrides=common.realistic_overrides(length),
-                reward=common.digit_share,
+                max_new_tokens=length,
                 tag=f"[max_new_tokens {length}] ",
             )
             per_length[length] = summarise(runs)
@@ -639,7 +647,7 @@ def realistic(args, params, threads: int, load: dict, trl_version: str) -> None:
         "load_at_end": common.load_avg(),
         "machine": common.machine_info(),
         "lengths": {str(n): s for n, s in per_length.items()},
-        "goal_ratio_at_most": 0.7,
+        "goal_ratio_at_most": GOAL_RATIO["realistic"],
     }
     if len(lengths) >= 2:
         results["growth"] = growth(per_length)

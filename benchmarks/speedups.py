@@ -1,0 +1,221 @@
+"""The speed-ups of the realistic-shape work, added one at a time: our trainer's step time
+with none of them (the code before), then with each added in turn, in one invocation.
+
+    python benchmarks/speedups.py [--shape tiny|realistic] [--max-new-tokens 48]
+        [--steps N] [--warmup-steps W] [--rounds 3] [--threads 0]
+
+The stages (each adds its options to the previous one's; every option is a training
+parameter, so the code before is still there to measure against):
+
+0. ``before``: ``transformers``' ``generate`` (``engine_options: {use_generate: true}``),
+   one teacher-forced pass padded to the longest completion (``length_buckets: 1``), glibc's
+   default malloc (``keep_freed_memory: false``);
+1. ``decoding_loop``: the hf engine's own decoding loop (each prompt prefilled once, a KV
+   cache allocated once), the prompt's cache repeated to its rows (``cascade_attention:
+   false``), every row decoded to the end (``drop_finished: false``);
+2. ``cascade_attention``: each prompt's keys and values held once for its G rows;
+3. ``drop_finished``: rows that produced EOS leave the decoding batch;
+4. ``length_buckets``: the teacher-forced passes in up to 4 passes of similar lengths;
+5. ``keep_freed_memory``: freed tensor memory kept in the process for the next step.
+
+Every stage trains the same saved policy on the same prompts (``--shape``: ``tiny``, the
+default run's work; ``realistic``, the 4M-parameter shape of ``vs_trl.py --shape
+realistic``) in an interpreter of its own, as the allocator setting is process-wide, in
+rounds (every stage once, then again), so drift in machine speed hits all alike; a run while
+other processes kept more than 0.15 core busy is repeated. Step time = wall time between
+consecutive optimiser steps, median over the timed steps of all rounds; the phases are the
+trainer's ``time_*`` columns. From stage 3 on, other random numbers fall to each row
+(finished rows leave), so the completions differ from stage 2's; the mean completion length
+is reported beside each.
+Writes ``benchmarks/results/speedups_<shape>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import _common as common
+
+STAGES = (
+    (
+        "before",
+        "transformers' generate, one padded teacher-forced pass, glibc's default malloc",
+        {"engine_options": {"use_generate": True}, "length_buckets": 1, "keep_freed_memory": False},
+    ),
+    (
+        "decoding_loop",
+        "+ the engine's own decoding loop (prefill once, KV cache allocated once)",
+        {"engine_options": {"cascade_attention": False, "drop_finished": False}},
+    ),
+    (
+        "cascade_attention",
+        "+ each prompt's keys and values held once while decoding",
+        {"engine_options": {"drop_finished": False}},
+    ),
+    ("drop_finished", "+ finished rows leave the decoding batch", {"engine_options": {}}),
+    ("length_buckets", "+ completions in up to 4 passes of similar lengths", {"length_buckets": 4}),
+    ("keep_freed_memory", "+ freed memory kept for the next step", {"keep_freed_memory": True}),
+)
+DEFAULT_STEPS = {"tiny": (60, 10), "realistic": (12, 3)}
+
+
+def stage_options(upto: int) -> dict:
+    """The training options of stage ``upto``: every stage's options up to it, merged."""
+    options: dict = {}
+    for _, _, added in STAGES[: upto + 1]:
+        options.update(added)
+    return options
+
+
+def child(spec: dict) -> dict:
+    """One stage's run (in its own interpreter)."""
+    import torch
+    from vs_trl import run_ours
+
+    common.quiet_libraries()
+    torch.set_num_threads(spec["threads"])
+    params = common.project_parameters()
+    prompts, _, overrides, reward = common.shape_inputs(
+        spec["shape"], params, spec["max_new_tokens"], build_policy=False
+    )
+    return run_ours(
+        Path(spec["model_dir"]),
+        params,
+        prompts,
+        steps=spec["steps"],
+        warmup=spec["warmup"],
+        overrides={**overrides, **stage_options(spec["stage"])},
+        reward_fn=reward,
+    )
+
+
+def main() -> None:
+    spec = common.child_spec(sys.argv)
+    if spec is not None:
+        import json
+
+        print(json.dumps(child(spec)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=("tiny", "realistic"), default="tiny")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="realistic only")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (60; 12)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (10; 3)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--max-load", type=float, default=0.8)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    steps, warmup = DEFAULT_STEPS[args.shape]
+    steps, warmup = args.steps or steps, args.warmup_steps or warmup
+
+    common.quiet_libraries()
+    threads = common.set_threads(args.threads)
+    load = common.wait_for_quiet(args.max_load)
+    params = common.project_parameters()
+    _, policy, overrides, _ = common.shape_inputs(args.shape, params, args.max_new_tokens)
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in STAGES}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = common.save_policy(policy, Path(tmp) / "policy")
+        for round_ in range(args.rounds):
+            for stage, (name, _, _) in enumerate(STAGES):
+                spec = {
+                    "shape": args.shape,
+                    "max_new_tokens": args.max_new_tokens,
+                    "model_dir": str(model_dir),
+                    "stage": stage,
+                    "steps": steps,
+                    "warmup": warmup,
+                    "threads": threads,
+                }
+                run, foreign, tries = common.measure_clean(
+                    lambda spec=spec: common.in_child(__file__, spec), label=name
+                )
+                runs[name].append({**run, "foreign_cpu_cores": foreign, "tries": tries})
+                median = statistics.median(run["step_times"])
+                print(f"round {round_}: {name:<18} {median:.4f} s/step", flush=True)
+
+    stages = summarise(runs)
+    results = {
+        "benchmark": f"speedups_{args.shape}",
+        "command": "python benchmarks/speedups.py " + " ".join(sys.argv[1:]),
+        "settings": {
+            "shape": args.shape,
+            "training_overrides": overrides,
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "steps": steps,
+            "warmup_steps": warmup,
+            "rounds": args.rounds,
+            "stages": {
+                name: {"what": what, "options": stage_options(i)}
+                for i, (name, what, _) in enumerate(STAGES)
+            },  # fmt: skip
+        },
+        "load": load,
+        "load_at_end": common.load_avg(),
+        "machine": common.machine_info(),
+        "stages": stages,
+    }
+    print_table(stages)
+    common.write_result(f"speedups_{args.shape}", results, args.out)
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per stage: step-time summary, per-round medians, phase medians, mean completion length,
+    tokens/s, and the step time over stage 0's and over the previous stage's."""
+    out: dict = {}
+    first = previous = None
+    for name, reps in runs.items():
+        times = [t for rep in reps for t in rep["step_times"]]
+        step = statistics.median(times)
+        tokens = statistics.fmean(r["completion_tokens_per_step"] for r in reps)
+        out[name] = {
+            "step_time_s": common.summary(times),
+            "step_time_median_per_round_s": [statistics.median(r["step_times"]) for r in reps],
+            "foreign_cpu_cores_per_round": [r["foreign_cpu_cores"] for r in reps],
+            "phases_median_s": {
+                key: statistics.median(r["phases_median_s"][key] for r in reps)
+                for key in reps[0]["phases_median_s"]
+            },
+            "completion_length": statistics.fmean(r["completion_length"] for r in reps),
+            "tokens_per_s": tokens / step,
+            "to_before": step / first if first else 1.0,
+            "to_previous": step / previous if previous else 1.0,
+        }
+        first, previous = first or step, step
+    # The same ratios round by round (a round runs every stage back to back), less exposed to
+    # the machine's drift between rounds.
+    rounds = {name: s["step_time_median_per_round_s"] for name, s in out.items()}
+    names = list(rounds)
+    for i, name in enumerate(names):
+        before, prev = rounds[names[0]], rounds[names[max(i - 1, 0)]]
+        out[name]["to_before_per_round"] = [
+            a / b for a, b in zip(rounds[name], before, strict=True)
+        ]
+        out[name]["to_previous_per_round"] = [
+            a / b for a, b in zip(rounds[name], prev, strict=True)
+        ]
+    return out
+
+
+def print_table(stages: dict) -> None:
+    print(
+        f"\n{'stage':<18}{'step s':>9}{'/ before':>10}{'/ prev':>8}{'gen s':>8}{'score s':>9}"
+        f"{'update s':>10}{'length':>8}{'tokens/s':>10}   / prev per round"
+    )
+    for name, s in stages.items():
+        phases = s["phases_median_s"]
+        print(
+            f"{name:<18}{s['step_time_s']['median']:>9.4f}{s['to_before']:>10.3f}"
+            f"{s['to_previous']:>8.3f}{phases['generation']:>8.4f}{phases['scoring']:>9.4f}"
+            f"{phases['update']:>10.4f}{s['completion_length']:>8.2f}{s['tokens_per_s']:>10.0f}"
+            "   " + ", ".join(f"{r:.3f}" for r in s["to_previous_per_round"])
+        )
+
+
+if __name__ == "__main__":
+    main()
