@@ -295,35 +295,15 @@ def decode(
     (:class:`SharedPrefix`; else repeated per row). The caller seeds the RNG and sets
     no-grad and eval mode. None if the model's forward returns no cache this loop can drive
     (the engine then falls back to ``generate``)."""
-    n_prompt = prompt_ids.shape[1]
+    n_prompt, max_new = prompt_ids.shape[1], sampling.max_new_tokens
     n = prompt_ids.shape[0] * group_size
-    if not share_prompts:
-        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
+    prefilled = _prefill(
+        model, prompt_ids, prompt_mask, group_size, max_new, share_prompts, cascade_attention
     )
-    found = output_cache(out)
-    if found is None:
+    if prefilled is None:
         return None
-    cache_kwarg, cache = found
-    logits = out.logits[:, -1]
-    max_new = sampling.max_new_tokens
-    shared = None
-    if share_prompts and group_size > 1:
-        logits = logits.repeat_interleave(group_size, dim=0)
-        # The last sampled token is never fed back: max_new - 1 positions per row.
-        if cascade_attention:
-            shared = SharedPrefix.attach(cache, prompt_mask, group_size, max_new - 1)
-        if shared is None:
-            cache.batch_repeat_interleave(group_size)
-        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    if shared is None:
-        preallocate(cache, n_prompt + max_new - 1)
+    cache_kwarg, cache, logits, shared = prefilled
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
 
     device = prompt_ids.device
     mask = torch.ones(n, n_prompt + max_new, dtype=prompt_mask.dtype, device=device)
@@ -362,6 +342,37 @@ def decode(
         )
         logits = out.logits[:, -1]
     return Decoded(tokens[:, :steps], logps[:, :steps])
+
+
+def _prefill(model, prompt_ids, prompt_mask, group_size, max_new, share_prompts, cascade):
+    """The prompts' forward pass and the cache the decoding steps run on: (cache keyword,
+    cache, the next-token logits of every row, the :class:`SharedPrefix` or None); None if
+    the forward returns no cache this loop can drive."""
+    if not share_prompts:
+        prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    found = output_cache(out)
+    if found is None:
+        return None
+    cache_kwarg, cache = found
+    logits, shared = out.logits[:, -1], None
+    if share_prompts and group_size > 1:
+        logits = logits.repeat_interleave(group_size, dim=0)
+        # The last sampled token is never fed back: max_new - 1 positions per row.
+        if cascade:
+            shared = SharedPrefix.attach(cache, prompt_mask, group_size, max_new - 1)
+        if shared is None:
+            cache.batch_repeat_interleave(group_size)
+    if shared is None:
+        preallocate(cache, prompt_ids.shape[1] + max_new - 1)
+    return cache_kwarg, cache, logits, shared
 
 
 def _step(model, shared: SharedPrefix | None, t: int, **inputs):
