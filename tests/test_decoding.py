@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
-from fgrpo_pipeline.rollout import SamplingConfig, get_engine, token_logprobs
+from fgrpo_pipeline.rollout import SamplingConfig, decoding, get_engine, token_logprobs
 from fgrpo_pipeline.rollout.decoding import (
     SHARED_PREFIX_ATTENTION,
     PreallocatedLayer,
@@ -30,6 +30,13 @@ G = 4
 @pytest.fixture(scope="module")
 def policy():
     return briefly_warmed_policy()
+
+
+@pytest.fixture(autouse=True)
+def cascade_for_short_prompts(monkeypatch):
+    """The test prompts are a few tokens long: hold them once all the same, so that every
+    test here runs the two-part attention (test_short_prompts_are_repeated sets it back)."""
+    monkeypatch.setattr(decoding, "CASCADE_MIN_PROMPT_TOKENS", 0)
 
 
 SAMPLINGS = [
@@ -265,3 +272,13 @@ def test_cascade_attention_can_be_switched_off(policy, monkeypatch, cascade_atte
     theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
     _assert_same_rollouts(ours, theirs)
     assert len(attached) == int(cascade_attention)
+
+
+def test_short_prompts_are_repeated_to_their_rows(policy, monkeypatch):
+    monkeypatch.setattr(decoding, "CASCADE_MIN_PROMPT_TOKENS", 32)
+    attached = _recording_attach(monkeypatch)
+    get_engine("hf").generate(policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=3))
+    assert attached == []
+    long_prompt = "1+2=" * 8  # 33 tokens with BOS
+    get_engine("hf").generate(policy, [long_prompt], G, SamplingConfig(max_new_tokens=3))
+    assert len(attached) == 1
