@@ -220,13 +220,21 @@ def base_policy(params: Mapping[str, Any], prompts, *, warm: bool = True):
 def training_config(params: Mapping[str, Any], **overrides: Any):
     """``TrainerConfig`` of parameters_training.yml, with ``overrides`` merged over it.
 
-    ``sampling`` overrides merge key by key. No checkpoints or completions tables, and
-    ``num_threads=0`` (the benchmark sets the threads itself).
+    ``sampling`` overrides merge key by key. No checkpoints or completions tables,
+    ``num_threads=0`` (the benchmark sets the threads itself), and a constant learning rate
+    unless ``lr_schedule`` is overridden (TRL's side runs a constant one; default_budget.py
+    names the schedule of each setting).
     """
     from fgrpo_pipeline.pipelines.training.params import TrainingParams
 
     values = json.loads(json.dumps(params["training"]))  # plain containers, no OmegaConf nodes
-    values.update(checkpoint_every=0, log_completions_every=0, num_threads=0, resume_dir=None)
+    values.update(
+        checkpoint_every=0,
+        log_completions_every=0,
+        num_threads=0,
+        resume_dir=None,
+        lr_schedule="constant",
+    )
     sampling = {**values.get("sampling", {}), **overrides.pop("sampling", {})}
     values.update(overrides, sampling=sampling)
     return TrainingParams.from_params(values).config

@@ -3,7 +3,7 @@
     python benchmarks/memory.py [--mode both|kedro|training] [--training-steps 300]
 
 ``kedro``: the default ``kedro run`` (every stage of ``__default__``: data preparation, the
-base policy's warm-up, rollouts, labelling, 2000 training steps, evaluation, MLflow
+base policy's warm-up, rollouts, labelling, the training steps, evaluation, MLflow
 tracking) in a subprocess, in a scratch copy of the project (``conf/``, ``pyproject.toml``
 and ``src/``) so that the repository's ``data/`` and ``mlflow.db`` are left alone.
 Its peak RSS is read two ways: the kernel's high-water mark of the finished child
