@@ -179,3 +179,19 @@ def test_a_redirected_progress_bar_writes_a_line_a_second_not_one_per_step(polic
     train(policy, prompts, config(steps=40), progress=True)
     drawn = capsys.readouterr().err.count("train f_grpo")
     assert 1 <= drawn < 10, drawn
+
+
+@pytest.mark.parametrize(("processes", "expected"), [(1, 4), (2, 1), (4, 1)])
+def test_the_policy_passes_are_bucketed_in_one_process_only(processes, expected):
+    """Under DDP or FSDP every rank must make the same forward calls through the prepared
+    model (buffers are synced, shards gathered, at each), but bucket counts follow each
+    rank's own completion lengths: the policy's passes then run unbucketed."""
+    from types import SimpleNamespace
+
+    from fgrpo_pipeline.training.loop import TrainingRun
+
+    run = SimpleNamespace(
+        runtime=SimpleNamespace(num_processes=processes),
+        config=SimpleNamespace(length_buckets=4),
+    )
+    assert TrainingRun.policy_length_buckets.fget(run) == expected

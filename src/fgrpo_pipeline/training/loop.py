@@ -105,10 +105,12 @@ class TrainingRun:
     local_parameters: int = 0
 
     @property
-    def length_buckets(self) -> int:
-        """Passes per teacher-forced batch: one under sharded weights, where every rank must
-        make the same forward calls (each gathers the shards) and lengths differ by rank."""
-        return 1 if self.runtime.shards_weights else self.config.length_buckets
+    def policy_length_buckets(self) -> int:
+        """Passes per teacher-forced batch of the policy: one under several processes, where
+        every rank must make the same forward calls through the prepared model (DDP syncs
+        its buffers, FSDP gathers the shards, at each call) while the completions' lengths
+        differ by rank. The reference runs outside it, with ``length_buckets`` always."""
+        return 1 if self.runtime.num_processes > 1 else self.config.length_buckets
 
     def learning_rate(self, step: int) -> float:
         config = self.config

@@ -102,7 +102,7 @@ def reference_logprobs(run: TrainingRun, batch: RolloutBatch) -> Tensor:
             run.config.sampling.temperature,
             run.scorer.micro_batch_size,
             share_prompts=run.config.share_prompts,
-            length_buckets=run.length_buckets,
+            length_buckets=run.config.length_buckets,
         )
 
 
@@ -121,7 +121,10 @@ class PolicyScorer:
     def logprobs(self, batch: RolloutBatch) -> Tensor:
         run = self.run
         temperature = run.config.sampling.temperature
-        options = {"share_prompts": run.config.share_prompts, "length_buckets": run.length_buckets}
+        options = {
+            "share_prompts": run.config.share_prompts,
+            "length_buckets": run.policy_length_buckets,
+        }
         if not self.micro_batch_size:
             return batch_logprobs(run.wrapped, batch, temperature, **options)
         with torch.no_grad():
@@ -142,7 +145,7 @@ class PolicyScorer:
                 run.config.sampling.temperature,
                 no_sync=run.runtime.no_sync(run.wrapped),
                 share_prompts=run.config.share_prompts,
-                length_buckets=run.length_buckets,
+                length_buckets=run.policy_length_buckets,
             )
 
 
