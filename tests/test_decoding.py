@@ -50,15 +50,19 @@ SAMPLINGS = [
 
 @pytest.mark.parametrize(("group_size", "sampling"), SAMPLINGS)
 @pytest.mark.parametrize("share_prompts", [True, False])
-def test_the_loop_samples_what_generate_samples(policy, group_size, sampling, share_prompts):
-    """Every row at every step (drop_finished=False): generate's samples for the same seed,
-    its log-probs up to float rounding."""
+@pytest.mark.parametrize("drop_finished", [True, False])
+def test_the_loop_samples_what_generate_samples(
+    policy, group_size, sampling, share_prompts, drop_finished
+):
+    """generate's samples for the same seed, its log-probs up to float rounding, whether
+    finished rows leave the batch or not (each row's random draws are generate's)."""
     config = SamplingConfig(**sampling)
-    ours = get_engine("hf", drop_finished=False, share_prompts=share_prompts)
+    ours = get_engine("hf", drop_finished=drop_finished, share_prompts=share_prompts)
     theirs = get_engine("hf", use_generate=True, share_prompts=share_prompts)
+    prompts = ENGINE_PROMPTS * 2
     _assert_same_rollouts(
-        ours.generate(policy, ENGINE_PROMPTS, group_size, config),
-        theirs.generate(policy, ENGINE_PROMPTS, group_size, config),
+        ours.generate(policy, prompts, group_size, config),
+        theirs.generate(policy, prompts, group_size, config),
     )
 
 
@@ -66,7 +70,7 @@ def test_a_lora_policy_samples_what_generate_samples(policy):
     lora = apply_lora(policy, LoraSettings(r=4, alpha=8, dropout=0.0))
     config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=5)
     _assert_same_rollouts(
-        get_engine("hf", drop_finished=False).generate(lora, ENGINE_PROMPTS, G, config),
+        get_engine("hf").generate(lora, ENGINE_PROMPTS, G, config),
         get_engine("hf", use_generate=True).generate(lora, ENGINE_PROMPTS, G, config),
     )
 
@@ -91,9 +95,6 @@ def test_dropped_rows_keep_their_log_probs(policy, group_size, sampling):
             top_p=config.top_p if config.do_sample else 1.0,
         )
     torch.testing.assert_close(batch.old_logps, forced, atol=1e-5, rtol=0)
-    if not config.do_sample:  # greedy: dropping rows changes nothing at all
-        kept = get_engine("hf", drop_finished=False)
-        _assert_same_rollouts(batch, kept.generate(policy, ENGINE_PROMPTS * 2, group_size, config))
 
 
 def test_finished_rows_leave_the_batch(policy):
@@ -241,7 +242,7 @@ def test_a_model_whose_attention_ignores_the_interface_falls_back(policy, monkey
     attached = _recording_attach(monkeypatch)
     monkeypatch.setattr(SharedPrefix, "attending", lambda self, model: contextlib.nullcontext())
     config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=0)
-    ours = get_engine("hf", drop_finished=False).generate(policy, ENGINE_PROMPTS, G, config)
+    ours = get_engine("hf").generate(policy, ENGINE_PROMPTS, G, config)
     theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
     _assert_same_rollouts(ours, theirs)
     assert attached[0].calls == 0
@@ -267,7 +268,7 @@ def test_bad_engine_options_are_refused_naming_the_option(options, message):
 def test_cascade_attention_can_be_switched_off(policy, monkeypatch, cascade_attention):
     attached = _recording_attach(monkeypatch)
     config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=0)
-    engine = get_engine("hf", drop_finished=False, cascade_attention=cascade_attention)
+    engine = get_engine("hf", cascade_attention=cascade_attention)
     ours = engine.generate(policy, ENGINE_PROMPTS, G, config)
     theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
     _assert_same_rollouts(ours, theirs)

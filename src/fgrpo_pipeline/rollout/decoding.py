@@ -19,9 +19,10 @@ top-p, top-k off; or greedy), and does less work per token:
 * the step's log-probs of the sampled tokens are taken from the logits it sampled from
   (``old_logps``), without keeping a [N, T, V] stack.
 
-With ``drop_finished=False`` every row is sampled at every step, as in ``generate``, and the
-same seed gives ``generate``'s samples (the logits agree up to float rounding). Dropping
-rows changes which random numbers fall to which row, not the distribution.
+The random numbers of every row are those ``generate``'s multinomial draws for it
+(:func:`_sample`), dropped rows or not, so the same seed gives ``generate``'s samples (the
+logits agree up to float rounding: a draw could only differ by landing within rounding of
+a category boundary).
 """
 
 from __future__ import annotations
@@ -322,7 +323,7 @@ def decode(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = max_new
     for t in range(max_new):
-        token, logp = _sample(logits, sampling)
+        token, logp = _sample(logits, sampling, rows, n)
         live = rows[~done]
         tokens[live, t], logps[live, t] = token[~done], logp[~done]
         done = done | torch.isin(token, eos)
@@ -400,17 +401,29 @@ def _step(model, shared: SharedPrefix | None, t: int, **inputs):
     return model(**inputs), None
 
 
-def _sample(logits: Tensor, sampling: SamplingConfig) -> tuple[Tensor, Tensor]:
-    """One token per row and its log-prob, as ``generate`` samples with the engine's knobs:
-    logits / temperature, then the top-p nucleus (−inf outside), then a multinomial draw
-    from the softmax; greedy takes the argmax of the raw logits. The log-prob is that of the
-    distribution sampled from (greedy: of ``softmax(logits / T)``, as the engines report)."""
+def _sample(
+    logits: Tensor, sampling: SamplingConfig, rows: Tensor | None = None, n: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """One token per running row and its log-prob, as ``generate`` samples with the engine's
+    knobs: logits / temperature, then the top-p nucleus (−inf outside), then a multinomial
+    draw from the softmax; greedy takes the argmax of the raw logits. The log-prob is that
+    of the distribution sampled from (greedy: of ``softmax(logits / T)``, as the engines
+    report).
+
+    ``torch.multinomial(probs, 1)`` is ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn for
+    the whole [rows, V] tensor. The noise is drawn here for all ``n`` rows of the batch at
+    every step, as ``generate``'s multinomial over its full batch draws it, and the running
+    rows (``rows``, their places in the batch) take theirs: a row's draws do not depend on
+    which rows have left, so dropping finished rows changes no sample."""
     scores = logits.float() / sampling.temperature
     top_p = sampling.top_p if sampling.do_sample else 1.0
     if top_p < 1:
         scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
     if sampling.do_sample:
-        token = torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+        probs = scores.softmax(dim=-1)
+        n = probs.shape[0] if n is None else n
+        noise = probs.new_empty(n, probs.shape[-1]).exponential_(1)
+        token = (probs / (noise if rows is None else noise[rows])).argmax(dim=-1)
     else:
         token = logits.argmax(dim=-1)
     logp = scores.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scores, dim=-1)

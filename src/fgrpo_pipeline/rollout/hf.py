@@ -32,9 +32,9 @@ class HFEngine:
     whose forward returns no cache the loop can drive); there, with ``share_prompts`` (the
     default), all but the last token of each distinct prompt run once and ``generate``
     starts from that cache repeated G times. Either way the logits agree with a full
-    prefill's up to float rounding, so with ``drop_finished=False`` the same seed gives the
-    same samples on every path (a draw could only differ by landing within rounding of a
-    category boundary). vLLM has its own engine and prefix caching; it is unaffected.
+    prefill's up to float rounding and every row gets the random draws ``generate`` gives
+    it, so the same seed gives the same samples on every path, whatever the options (a draw
+    could only differ by landing within rounding of a category boundary). vLLM has its own engine and prefix caching; it is unaffected.
     """
 
     def __init__(
