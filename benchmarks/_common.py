@@ -399,11 +399,19 @@ def in_child(script: str | Path, spec: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child_spec(argv: Sequence[str]) -> dict[str, Any] | None:
-    """The spec of ``--child <json>`` in ``argv``, or None in the parent."""
-    if "--child" not in argv:
-        return None
-    return json.loads(argv[argv.index("--child") + 1])
+def serve_child(child) -> bool:
+    """In a child (``--child <json>`` in ``sys.argv``): torch's threads set to the spec's
+    ``threads``, third-party output quieted, ``child(spec)`` run and its result printed as
+    the last line; returns whether this process was a child."""
+    if "--child" not in sys.argv:
+        return False
+    import torch
+
+    spec = json.loads(sys.argv[sys.argv.index("--child") + 1])
+    quiet_libraries()
+    torch.set_num_threads(spec["threads"])
+    print(json.dumps(child(spec)))
+    return True
 
 
 def quiet_libraries() -> None:

@@ -22,7 +22,6 @@ invocation only (``--jobs 1`` for the default run's own threads). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,14 +47,10 @@ def parse_setting(text: str) -> dict:
 
 def child(spec: dict) -> dict:
     """Train one setting × seed from the saved base policy and evaluate it on the test split."""
-    import torch
-
     from fgrpo_pipeline.heldout.evaluate import EvaluationConfig, evaluate_policy
     from fgrpo_pipeline.models.policy import load_pretrained_policy
     from fgrpo_pipeline.training.loop import train
 
-    common.quiet_libraries()
-    torch.set_num_threads(spec["threads"])
     params = common.project_parameters()
     prompts = common.default_prompts(params)  # the train split
     test = common.split_prompts(params, "test")
@@ -74,9 +69,7 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    spec = common.child_spec(sys.argv)
-    if spec is not None:
-        print(json.dumps(child(spec)))
+    if common.serve_child(child):
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))

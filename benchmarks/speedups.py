@@ -73,11 +73,8 @@ def stage_options(upto: int) -> dict:
 
 def child(spec: dict) -> dict:
     """One stage's run (in its own interpreter)."""
-    import torch
     from vs_trl import run_ours
 
-    common.quiet_libraries()
-    torch.set_num_threads(spec["threads"])
     params = common.project_parameters()
     prompts, _, overrides, reward = common.shape_inputs(
         spec["shape"], params, spec["max_new_tokens"], build_policy=False
@@ -94,11 +91,7 @@ def child(spec: dict) -> dict:
 
 
 def main() -> None:
-    spec = common.child_spec(sys.argv)
-    if spec is not None:
-        import json
-
-        print(json.dumps(child(spec)))
+    if common.serve_child(child):
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=("tiny", "realistic"), default="tiny")

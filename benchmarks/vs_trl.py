@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import tempfile
@@ -298,8 +297,6 @@ def run_trl(
 
 def child(spec: dict) -> dict:
     """One configuration's run, in an interpreter of its own (see ``run_rounds``)."""
-    common.quiet_libraries()
-    torch.set_num_threads(spec["threads"])
     params = common.project_parameters()
     prompts, _, overrides, reward = common.shape_inputs(
         spec["shape"], params, spec["max_new_tokens"], build_policy=False
@@ -506,9 +503,7 @@ def print_growth(table: dict) -> None:
 
 
 def main() -> None:
-    spec = common.child_spec(sys.argv)
-    if spec is not None:
-        print(json.dumps(child(spec)))
+    if common.serve_child(child):
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="tiny", help="the work (see above)")

@@ -37,7 +37,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from fgrpo_pipeline.rollout.engine import SamplingConfig
-from fgrpo_pipeline.rollout.logprobs import nucleus_mask, output_cache
+from fgrpo_pipeline.rollout.logprobs import nucleus_mask, prompt_pass
 
 # Finished rows leave the running batch once they are this share of it: dropping copies the
 # cache's rows, so it is done in a few large cuts rather than at every EOS.
@@ -358,18 +358,11 @@ def _prefill(model, prompt_ids, prompt_mask, group_size, max_new, share_prompts,
     if not share_prompts:
         prompt_ids = prompt_ids.repeat_interleave(group_size, dim=0)
         prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=(prompt_mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    found = output_cache(out)
-    if found is None:
+    prompts = prompt_pass(model, prompt_ids, prompt_mask)
+    if prompts is None:
         return None
-    cache_kwarg, cache = found
-    logits, shared = out.logits[:, -1], None
+    logits, cache_kwarg, cache = prompts
+    shared = None
     if share_prompts and group_size > 1:
         logits = logits.repeat_interleave(group_size, dim=0)
         # The last sampled token is never fed back: max_new - 1 positions per row.

@@ -17,7 +17,7 @@ from fgrpo_pipeline.rollout.engine import (
     repeat_each,
     through_first_eos,
 )
-from fgrpo_pipeline.rollout.logprobs import output_cache, sampled_logps
+from fgrpo_pipeline.rollout.logprobs import prompt_pass, sampled_logps
 
 
 @ENGINES.register("hf")
@@ -34,7 +34,8 @@ class HFEngine:
     starts from that cache repeated G times. Either way the logits agree with a full
     prefill's up to float rounding and every row gets the random draws ``generate`` gives
     it, so the same seed gives the same samples on every path, whatever the options (a draw
-    could only differ by landing within rounding of a category boundary). vLLM has its own engine and prefix caching; it is unaffected.
+    could only differ by landing within rounding of a category boundary). vLLM has its own
+    engine and prefix caching; it is unaffected.
     """
 
     def __init__(
@@ -206,17 +207,9 @@ def _prefill_shared(
     ids, mask = encoded["input_ids"][:, :-1], encoded["attention_mask"][:, :-1]
     if group_size < 2 or ids.shape[1] == 0:
         return {}
-    ids, mask = ids.to(device), mask.to(device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    found = output_cache(out)
-    if found is None:
+    prompts = prompt_pass(model, ids.to(device), mask.to(device))
+    if prompts is None:
         return {}
-    name, cache = found
+    _, name, cache = prompts
     cache.batch_repeat_interleave(group_size)
     return {name: cache}

@@ -191,6 +191,24 @@ def output_cache(output: object) -> tuple[str, object] | None:
     return name, cache
 
 
+def prompt_pass(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor
+) -> tuple[Tensor, str, object] | None:
+    """Left-padded prompts through ``model`` with a cache, the logits of the last position
+    only: (those logits [B, V], the cache keyword, the cache); None if the forward returned
+    no cache whose rows can be selected. Position ids count the real tokens, as
+    ``generate`` derives them."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    found = output_cache(out)
+    return None if found is None else (out.logits[:, -1], *found)
+
+
 def _shared_prompt_logprobs(
     model: PreTrainedModel,
     batch: RolloutBatch,
@@ -223,20 +241,12 @@ def _shared_prompt_logprobs(
 
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(
-        input_ids=prompt_ids[firsts],
-        attention_mask=attention_mask[firsts, :n_prompt],
-        position_ids=position_ids[firsts, :n_prompt],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    found = output_cache(out)
-    if found is None:
+    prompts = prompt_pass(model, prompt_ids[firsts], attention_mask[firsts, :n_prompt])
+    if prompts is None:
         return None
-    cache_kwarg, cache = found
+    logits, cache_kwarg, cache = prompts
     # The last prompt position predicts completion token 0.
-    logits = out.logits[:, -1:][group]
-    logps = sampled_logps(logits, completion_ids[:, :1], temperature)
+    logps = sampled_logps(logits[group].unsqueeze(1), completion_ids[:, :1], temperature)
     if n_completion > 1:
         # Token t is predicted from position t - 1: a row of length n needs n - 1 inputs.
         widths = (completion_mask.sum(dim=1).long() - 1).clamp(min=0).tolist()
