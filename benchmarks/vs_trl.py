@@ -32,7 +32,10 @@ Two shapes (``--shape``):
   (six solved ``a+b=c`` lines, then the question), the ``digit_share`` reward (the share of
   digits in the completion: spread on random text), P = 8 × G = 8, up to 48 new tokens, or
   each of ``--lengths`` (e.g. ``16 48 128``, for how both grow with completion length).
-  Writes ``benchmarks/results/vs_trl_realistic.json``.
+  It measures the cost of a step, not learning: both sides train at a learning rate of
+  1e-12 (every step runs all its work, no weight moves), so both keep sampling the
+  untrained model's lengths; at a real rate the two losses move the policy apart and each
+  side's lengths (its work) with it. Writes ``benchmarks/results/vs_trl_realistic.json``.
 
 Ours trains f-GRPO (the default ``training`` loss: KL divergence, β = 0.1), which always
 scores the reference. TRL runs GRPO with β = 0.1 (it then loads a reference model and adds the
@@ -43,10 +46,11 @@ AdamW) is the same.
 Step time is the wall time between the ends of consecutive optimiser steps (everything the
 loop does, logging included), median over ``--steps`` steps after ``--warmup-steps``. The
 configurations run in rounds (ours, TRL β>0, TRL β=0, then again), so drift in machine load
-hits all of them alike, and a run during which other processes kept more than 0.15 of a core
-busy is measured again (up to 3 tries; ``foreign_cpu_cores`` in the JSON). Each trainer's
-own phases are timed too: ours from its per-step ``time_*`` columns, TRL's by wrapping its
-methods (generation, rewards, reference and policy log-probs, the rest of its input
+hits all of them alike; round r runs training seed r on both sides (other prompts, other
+lengths, averaged over the rounds); and a run during which other processes kept more than
+0.15 of a core busy is measured again (up to 3 tries; ``foreign_cpu_cores`` in the JSON).
+Each trainer's own phases are timed too: ours from its per-step ``time_*`` columns, TRL's by
+wrapping its methods (generation, rewards, reference and policy log-probs, the rest of its input
 preparation, loss, backward, clipping, optimiser). Tokens/s = generated completion tokens
 per step (EOS included) / median step time.
 """
@@ -301,6 +305,7 @@ def child(spec: dict) -> dict:
     prompts, _, overrides, reward = common.shape_inputs(
         spec["shape"], params, spec["max_new_tokens"], build_policy=False
     )
+    overrides = {**overrides, "seed": spec["seed"]}
     runner = {"ours": run_ours, "trl": run_trl}[spec["trainer"]]
     options = {"reward_fn": reward} if spec["trainer"] == "ours" else {"reward": reward}
     if spec["trainer"] == "trl":
@@ -341,6 +346,9 @@ def run_rounds(
                 "steps": args.steps,
                 "warmup": args.warmup_steps,
                 "threads": threads,
+                # Round r runs seed r on both sides: each round samples other prompts (and
+                # so other lengths); rounds of one seed would repeat one draw of them.
+                "seed": round_,
             }
             run, foreign, tries = common.measure_clean(
                 lambda spec=spec: common.in_child(__file__, spec), label=f"{tag}{name}"
@@ -564,6 +572,7 @@ def main() -> None:
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,
             "rounds": args.rounds,
+            "seeds": list(range(args.rounds)),
             "trl_version": trl.__version__,
         },
         "load": load,
@@ -636,6 +645,7 @@ def realistic(args, params, threads: int, load: dict, trl_version: str) -> None:
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,
             "rounds": args.rounds,
+            "seeds": list(range(args.rounds)),
             "trl_version": trl_version,
         },
         "load": load,
