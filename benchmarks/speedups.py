@@ -24,9 +24,10 @@ realistic``) in an interpreter of its own, as the allocator setting is process-w
 rounds (every stage once, then again), so drift in machine speed hits all alike; a run while
 other processes kept more than 0.15 core busy is repeated. Step time = wall time between
 consecutive optimiser steps, median over the timed steps of all rounds; the phases are the
-trainer's ``time_*`` columns. From stage 3 on, other random numbers fall to each row
-(finished rows leave), so the completions differ from stage 2's; the mean completion length
-is reported beside each.
+trainer's ``time_*`` columns. Every stage samples what ``generate`` samples for the seed (the
+decoding loop draws each row's random numbers as ``generate`` does, finished rows dropped or
+not), so the stages do the same work up to float rounding; the mean completion length is
+reported beside each to show it.
 Writes ``benchmarks/results/speedups_<shape>.json``.
 """
 
