@@ -73,22 +73,10 @@ def stage_options(upto: int) -> dict:
 
 
 def child(spec: dict) -> dict:
-    """One stage's run (in its own interpreter)."""
-    from vs_trl import run_ours
+    """One stage's run (in its own interpreter): our trainer with the stage's options."""
+    import vs_trl
 
-    params = common.project_parameters()
-    prompts, _, overrides, reward = common.shape_inputs(
-        spec["shape"], params, spec["max_new_tokens"], build_policy=False
-    )
-    return run_ours(
-        Path(spec["model_dir"]),
-        params,
-        prompts,
-        steps=spec["steps"],
-        warmup=spec["warmup"],
-        overrides={**overrides, **stage_options(spec["stage"])},
-        reward_fn=reward,
-    )
+    return vs_trl.child({**spec, "trainer": "ours", "overrides": stage_options(spec["stage"])})
 
 
 def main() -> None:

@@ -300,12 +300,15 @@ def run_trl(
 
 
 def child(spec: dict) -> dict:
-    """One configuration's run, in an interpreter of its own (see ``run_rounds``)."""
+    """One configuration's run, in an interpreter of its own (see ``run_rounds``); the
+    spec's ``seed`` and ``overrides`` (training parameters), if given, go over the shape's."""
     params = common.project_parameters()
     prompts, _, overrides, reward = common.shape_inputs(
         spec["shape"], params, spec["max_new_tokens"], build_policy=False
     )
-    overrides = {**overrides, "seed": spec["seed"]}
+    if "seed" in spec:
+        overrides["seed"] = spec["seed"]
+    overrides.update(spec.get("overrides", {}))
     runner = {"ours": run_ours, "trl": run_trl}[spec["trainer"]]
     options = {"reward_fn": reward} if spec["trainer"] == "ours" else {"reward": reward}
     if spec["trainer"] == "trl":
