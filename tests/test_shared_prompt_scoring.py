@@ -466,3 +466,42 @@ def test_length_buckets_give_the_same_values_and_gradients(policy, batch, split_
     logps = batch_logprobs(model, batch, TEMPERATURE, micro, length_buckets=4)
     torch.testing.assert_close(logps, expected.detach(), atol=ATOL, rtol=0)
     _assert_same_grads(_grads(model, logps, weights), reference)
+
+
+def test_a_pass_s_overhead_scales_with_the_parameters_per_layer(policy, lora_policy):
+    """The realistic benchmark's 0.98M-parameter layers keep the measured 64 positions; the
+    test model's small layers make a pass worth far more positions, so its short completions
+    run in one pass; tied embeddings count once; the adapter-disabled LoRA reference and a
+    callable holder see the model inside."""
+    from fgrpo_pipeline.models.policy import build_tiny_policy
+
+    overhead = logprobs_module.bucket_overhead
+    realistic = build_tiny_policy(
+        policy.tokenizer,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=1024,
+    ).model
+    assert overhead(realistic) == logprobs_module.BUCKET_OVERHEAD_POSITIONS == 64
+    model = policy.model
+    assert model.config.tie_word_embeddings
+    layers = sum(p.numel() for p in model.parameters()) - model.lm_head.weight.numel()
+    per_layer = layers // model.config.num_hidden_layers
+    assert overhead(model) == round(64 * logprobs_module.BUCKET_REFERENCE_LAYER / per_layer)
+    assert overhead(model) > 500
+    assert overhead(make_reference(policy)) == overhead(model)
+    assert overhead(make_reference(lora_policy)) > 500
+    assert overhead(object()) == logprobs_module.BUCKET_OVERHEAD_POSITIONS
+
+
+def test_a_small_model_s_completions_run_in_one_pass(policy, batch, monkeypatch):
+    """At a pass overhead of 4 positions (for a model of the reference layer size) these
+    widths would split; the test model's layers are ~16× smaller, a pass worth ~16× more."""
+    monkeypatch.setattr(logprobs_module, "BUCKET_OVERHEAD_POSITIONS", 4)
+    widths = (batch.lengths - 1).clamp(min=0).tolist()
+    assert len(bucket_rows(widths, 4)) > 1
+    with torch.no_grad(), counting_positions(policy.model) as seen:
+        batch_logprobs(policy.model, batch, TEMPERATURE, length_buckets=4)
+    assert len(seen) == 2  # the prompt pass, one completion pass

@@ -23,6 +23,7 @@ shared.
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +33,16 @@ from fgrpo_pipeline.rollout.engine import RolloutBatch
 
 # Teacher-forced passes run completions in up to this many passes of similar lengths.
 DEFAULT_LENGTH_BUCKETS = 4
-# What a forward pass costs beyond its token positions, in positions: splitting a batch into
-# length buckets pays one pass per bucket. Measured on the realistic benchmark shape, 16 to
-# 256 give the same split (docs/benchmarks.md); at the default tiny shape it keeps one pass.
+# What a forward pass costs beyond its token positions (splitting a batch into length buckets
+# pays one pass per bucket), in positions of a model with BUCKET_REFERENCE_LAYER parameters
+# per layer: on the realistic benchmark shape (0.98M per layer) 16 to 256 give the same
+# split (docs/benchmarks.md). A pass's fixed cost grows with the layers, a position's cost
+# with the parameters, so :func:`bucket_overhead` scales it by the reference size over the
+# model's parameters per layer: ~1,000 positions for the default run's 62k-parameter layers
+# (which then keeps one pass: there a pass costs more than all its positions), ~1 at 1.5B.
 BUCKET_OVERHEAD_POSITIONS = 64
+BUCKET_REFERENCE_LAYER = 984_000
+_PARAMETERS_PER_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def nucleus_mask(scaled_logits: Tensor, top_p: float) -> Tensor:
@@ -251,7 +258,8 @@ def _shared_prompt_logprobs(
         # Token t is predicted from position t - 1: a row of length n needs n - 1 inputs.
         widths = (completion_mask.sum(dim=1).long() - 1).clamp(min=0).tolist()
         parts, order = [], []
-        for rows_b in bucket_rows(widths, max_buckets):
+        overhead = bucket_overhead(model) if max_buckets > 1 else 0
+        for rows_b in bucket_rows(widths, max_buckets, overhead):
             width = max(widths[r] for r in rows_b)
             index = torch.tensor(rows_b, device=device)
             if width == 0:
@@ -345,6 +353,35 @@ def bucket_rows(
         bounds.append((values[i], values[j - 1]))
         j = i
     return [[r for r in range(n) if lo <= widths[r] <= hi] for lo, hi in reversed(bounds)]
+
+
+def bucket_overhead(model: object) -> int:
+    """What a forward pass of ``model`` costs beyond its token positions, in positions:
+    :data:`BUCKET_OVERHEAD_POSITIONS` × :data:`BUCKET_REFERENCE_LAYER` over its parameters
+    per layer (those outside the token embeddings and an untied output head, over
+    ``config.num_hidden_layers``); :data:`BUCKET_OVERHEAD_POSITIONS` for a model whose layers
+    cannot be counted."""
+    module, per_layer = _underlying_module(model), 0
+    if module is not None:
+        if module not in _PARAMETERS_PER_LAYER:
+            _PARAMETERS_PER_LAYER[module] = _parameters_per_layer(module)
+        per_layer = _PARAMETERS_PER_LAYER[module]
+    per_layer = per_layer or BUCKET_REFERENCE_LAYER
+    return round(BUCKET_OVERHEAD_POSITIONS * BUCKET_REFERENCE_LAYER / per_layer)
+
+
+def _parameters_per_layer(module: nn.Module) -> int:
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 1:
+        return 0
+    embeddings = {}
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        found = getattr(module, name, None)
+        weight = getattr(found() if callable(found) else None, "weight", None)
+        if isinstance(weight, Tensor):
+            embeddings[weight.data_ptr()] = weight.numel()  # tied: counted once
+    total = sum(p.numel() for p in module.parameters())
+    return max(total - sum(embeddings.values()), 0) // layers
 
 
 def micro_batches(n: int, size: int) -> list[slice]:
