@@ -176,6 +176,18 @@ def test_plain_policy_reference_is_a_frozen_copy(tokenizer):
     assert "frozen copy" in repr(reference)
 
 
+def test_a_frozen_reference_is_not_switched_between_modes(tokenizer, monkeypatch):
+    """It is in eval mode for good: a call walks no modules to switch them (the LoRA
+    reference, whose model trains, is switched to eval and back: tested above)."""
+    reference = make_reference(_policy(tokenizer))
+    switches = []
+    for module in reference.model.modules():
+        monkeypatch.setattr(module, "train", lambda mode=True, m=module: switches.append(mode))
+    reference(input_ids=_encode(tokenizer)[0])
+    assert switches == []
+    assert not any(m.training for m in reference.model.modules())
+
+
 def test_rollouts_of_a_lora_policy_and_reference_logprobs(tokenizer, lora_setup):
     original, _, lora = lora_setup
     _train(lora)
