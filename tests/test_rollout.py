@@ -353,3 +353,56 @@ def test_token_logprobs_temperature_scales_logits(policy):
     assert not torch.allclose(cold[mask], warm[mask])
     with pytest.raises(ValueError, match="temperature"):
         _recompute(policy, batch, temperature=0.0)
+
+
+def _trained_tokenizer(kind: str, clean_up: bool):
+    """A small tokenizer trained here: byte-level BPE (as Qwen's) or WordPiece (as BERT's,
+    whose decoding joins with spaces that transformers' clean-up then edits)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["The sum of 12 and 30 is 42 , isn't it ?", "Answer: 7 . Then 3 + 4 = 7 !"] * 20
+    special = ["<pad>", "<eos>", "[UNK]"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=special)
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=special)
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="[UNK]",
+        clean_up_tokenization_spaces=clean_up,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "clean_up"),
+    [("char", False), ("bpe", False), ("wordpiece", False), ("wordpiece", True)],
+)
+def test_decoded_texts_are_those_of_batch_decode(kind, clean_up, monkeypatch):
+    """Through the Rust tokenizer where that is the same, else through batch_decode (the
+    WordPiece clean-up removes the spaces before punctuation, so the two paths differ)."""
+    from fgrpo_pipeline.rollout.engine import decode_texts
+
+    tokenizer = build_char_tokenizer() if kind == "char" else _trained_tokenizer(kind, clean_up)
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        torch.randint(0, len(tokenizer), (n,), generator=generator).tolist()
+        for n in (0, 1, 5, 12, 30)
+    ]
+    rows.append(tokenizer("isn't it ? 3 + 4 = 7 !")["input_ids"] + [tokenizer.eos_token_id])
+    expected = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    if not clean_up:  # the fast path is taken
+        monkeypatch.setattr(tokenizer, "batch_decode", None)
+    assert decode_texts(tokenizer, rows) == expected
+    if clean_up:  # the clean-up changed something, and the fast path is not taken
+        raw = tokenizer.backend_tokenizer.decode_batch(rows, skip_special_tokens=True)
+        assert raw != expected

@@ -96,6 +96,28 @@ def through_first_eos(completion_ids: Tensor, eos_ids: list[int]) -> tuple[Tenso
     return eos_before == 0, is_eos.any(dim=1)
 
 
+def decode_texts(tokenizer: object, rows: list[list[int]]) -> list[str]:
+    """``tokenizer.batch_decode(rows, skip_special_tokens=True)``, through the Rust tokenizer
+    directly where that gives the same texts: a transformers fast tokenizer whose decoding is
+    the backend's own, with no clean-up of spaces after it (0.95 → 0.21 ms for the default
+    run's 256 completions: transformers' wrapper converts every id in Python first)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decode = getattr(type(tokenizer), "_decode", None)
+    plain = (
+        backend is not None
+        and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+        and getattr(decode, "__qualname__", "") in _BACKEND_DECODES
+    )
+    if plain:
+        return backend.decode_batch(rows, skip_special_tokens=True)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# transformers' fast-tokenizer decode (named so before and since 5.0): the backend's decode,
+# then the optional clean-up. A subclass that overrides it takes batch_decode.
+_BACKEND_DECODES = ("TokenizersBackend._decode", "PreTrainedTokenizerFast._decode")
+
+
 def repeat_each(values: list, times: int) -> list:
     """``[a, b] → [a, a, b, b]`` for ``times=2``: per-prompt values laid out group after group."""
     return [value for value in values for _ in range(times)]

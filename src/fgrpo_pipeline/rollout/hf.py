@@ -13,6 +13,7 @@ from fgrpo_pipeline.rollout.engine import (
     ENGINES,
     RolloutBatch,
     SamplingConfig,
+    decode_texts,
     policy_eos_ids,
     repeat_each,
     through_first_eos,
@@ -181,9 +182,9 @@ def _to_batch(decoded: Decoded, prompts, prompt_ids, prompt_mask, group_size, po
     completion_ids = decoded.completion_ids.masked_fill(~keep, pad_id)
     old_logps = torch.where(keep, decoded.logps, torch.zeros_like(decoded.logps))
     lengths = keep.sum(dim=1)
-    completions = policy.tokenizer.batch_decode(
+    completions = decode_texts(
+        policy.tokenizer,
         [row[:n] for row, n in zip(completion_ids.tolist(), lengths.tolist(), strict=True)],
-        skip_special_tokens=True,
     )
     return RolloutBatch(
         prompts=repeat_each(prompts, group_size),

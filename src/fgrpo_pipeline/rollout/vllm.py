@@ -117,6 +117,7 @@ from fgrpo_pipeline.rollout.engine import (
     ENGINES,
     RolloutBatch,
     SamplingConfig,
+    decode_texts,
     policy_eos_ids,
     repeat_each,
 )
@@ -430,7 +431,7 @@ def outputs_to_batch(
         old_logps = torch.where(missing, recomputed.to(old_logps.dtype), old_logps)
     old_logps = torch.where(keep, old_logps, torch.zeros_like(old_logps))
 
-    completions = tokenizer.batch_decode([ids for ids, _, _ in rows], skip_special_tokens=True)
+    completions = decode_texts(tokenizer, [ids for ids, _, _ in rows])
     return RolloutBatch(
         prompts=repeat_each(list(prompts), group_size),
         completions=completions,
