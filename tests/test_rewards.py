@@ -89,6 +89,11 @@ def test_exact_number_cases(completion, reference, expected):
 def test_exact_number_rejects_a_non_numeric_reference():
     with pytest.raises(ValueError, match="exact_number.*position 1.*'abc'"):
         _score("exact_number", ["1", "2"], ["1", "abc"])
+    # The parses are cached: a bad reference is refused every time, not only the first.
+    with pytest.raises(ValueError, match="position 0.*'abc'"):
+        _score("exact_number", ["2"], ["abc"])
+    with pytest.raises(ValueError, match="position 0.*42"):
+        _score("exact_number", ["42"], [42])
 
 
 @pytest.mark.parametrize(

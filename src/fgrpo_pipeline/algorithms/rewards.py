@@ -14,6 +14,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 from decimal import Decimal
+from functools import lru_cache
 
 from math_verify import parse, verify
 
@@ -56,6 +57,9 @@ def _to_decimal(text: str) -> Decimal:
     return Decimal(text.replace(",", ""))
 
 
+# Parses are pure functions of short strings that recur: a step scores each completion for
+# reward and correctness, and each prompt's reference for its G completions.
+@lru_cache(maxsize=8192)
 def _completion_number(completion: str) -> Decimal | None:
     """The first number after the first "####", else the last number; None if there is none."""
     text = _clean(completion)
@@ -67,14 +71,19 @@ def _completion_number(completion: str) -> Decimal | None:
     return _to_decimal(numbers_found[-1]) if numbers_found else None
 
 
-def _reference_number(reference: str, reward: str, position: int) -> Decimal:
+@lru_cache(maxsize=8192)
+def _parse_reference(reference: str) -> Decimal | None:
     text = reference.strip()
     if "####" in text:
         match = _NUMBER.search(text.rsplit("####", 1)[1])
-        if match:
-            return _to_decimal(match.group())
-    elif _PLAIN_NUMBER.fullmatch(text):
-        return _to_decimal(text)
+        return _to_decimal(match.group()) if match else None
+    return _to_decimal(text) if _PLAIN_NUMBER.fullmatch(text) else None
+
+
+def _reference_number(reference: str, reward: str, position: int) -> Decimal:
+    number = _parse_reference(reference) if isinstance(reference, str) else None
+    if number is not None:
+        return number
     raise ValueError(
         f"reward {reward!r}: ground_truth at position {position} is not a number or a "
         f"'#### <number>' answer: {reference!r}"
