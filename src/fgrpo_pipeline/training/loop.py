@@ -201,6 +201,19 @@ def train(
     return finish(run)
 
 
+def _adamw(model: torch.nn.Module, config: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused (one kernel over all tensors: 1.5 → 0.4 ms
+    per step at the default size, 12 → 2 ms at the realistic benchmark's; on the CPU torch's
+    default is a loop over the tensors) where the parameters' device supports it."""
+    trainable = trainable_parameters(model)
+    return torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=all(p.device.type in ("cpu", "cuda") for p in trainable) or None,
+    )
+
+
 def setup(
     policy: Policy,
     prompts: pd.DataFrame,
@@ -234,15 +247,7 @@ def setup(
     reference = make_reference(policy)  # LoRA: the same weights, adapter off; else a copy
     checkpointing = config.gradient_checkpointing and enable_gradient_checkpointing(policy.model)
     policy.model.train()
-    trainable = trainable_parameters(policy.model)
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.learning_rate,
-        weight_decay=config.weight_decay,
-        # One kernel over all tensors: 1.5 → 0.4 ms per step at the default size, 12 → 2 ms
-        # at the realistic benchmark's (CPU: the per-tensor loop is torch's default there).
-        fused=all(p.device.type in ("cpu", "cuda") for p in trainable) or None,
-    )
+    optimizer = _adamw(policy.model, config)
     engine = get_engine(config.engine, **config.engine_options)
     per_rank = config.prompts_per_step // runtime.num_processes
     offline_per_rank = config.offline_batch_size // runtime.num_processes
