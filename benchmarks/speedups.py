@@ -29,14 +29,25 @@ decoding loop draws each row's random numbers as ``generate`` does, finished row
 not), so the stages do the same work up to float rounding; the mean completion length is
 reported beside each to show it.
 Writes ``benchmarks/results/speedups_<shape>.json``.
+
+``--interleave``: the machine's drift between runs (±15 % within minutes here) is larger
+than most single stages' effect, so this mode runs stages 0–4 in one process, side by side:
+one training run per stage (the same policy, prompts and seed), and at every step each run
+takes its step in a fresh random order, each step timed on its own. A stage's effect is then
+the median over steps of its step time over the other stage's at the same step (paired,
+so drift within a step's few seconds hits both alike), with a 95 % bootstrap interval over
+the steps. ``keep_freed_memory`` is process-wide and left out (off for all). Writes
+``benchmarks/results/speedups_<shape>_interleaved.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import _common as common
@@ -90,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--max-load", type=float, default=0.8)
+    parser.add_argument("--interleave", action="store_true", help="stages 0-4 in one process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     steps, warmup = DEFAULT_STEPS[args.shape]
@@ -99,6 +111,9 @@ def main() -> None:
     threads = common.set_threads(args.threads)
     load = common.wait_for_quiet(args.max_load)
     params = common.project_parameters()
+    if args.interleave:
+        interleaved(args, params, steps, warmup, threads, load)
+        return
     _, policy, overrides, _ = common.shape_inputs(args.shape, params, args.max_new_tokens)
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in STAGES}
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,28 +137,119 @@ def main() -> None:
                 print(f"round {round_}: {name:<18} {median:.4f} s/step", flush=True)
 
     stages = summarise(runs)
-    results = {
-        "benchmark": f"speedups_{args.shape}",
+    settings = {
+        "shape": args.shape,
+        "training_overrides": overrides,
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "steps": steps,
+        "warmup_steps": warmup,
+        "rounds": args.rounds,
+        "stages": {
+            name: {"what": what, "options": stage_options(i)}
+            for i, (name, what, _) in enumerate(STAGES)
+        },  # fmt: skip
+    }
+    print_table(stages)
+    results = _results(f"speedups_{args.shape}", settings, load, stages)
+    common.write_result(f"speedups_{args.shape}", results, args.out)
+
+
+def interleaved(args, params, steps: int, warmup: int, threads: int, load: dict) -> None:
+    """``--interleave`` (module docstring): stages 0-4 stepped in turn in this process."""
+    from fgrpo_pipeline.training import step as training_steps
+    from fgrpo_pipeline.training.loop import setup
+
+    prompts, policy, overrides, reward = common.shape_inputs(
+        args.shape, params, args.max_new_tokens
+    )
+    names = [name for name, _, _ in STAGES[:-1]]  # keep_freed_memory is process-wide
+    runs = {}
+    for stage, name in enumerate(names):
+        options = {**overrides, **stage_options(stage), "steps": warmup + steps}
+        config = common.training_config(params, **options)
+        runs[name] = setup(policy, prompts, config, reward_fn=reward, correctness_fn=None,
+                           preferences=None, monitors=(), resume_dir=None)  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in names}
+    lengths: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
+    for step in range(1, warmup + steps + 1):
+        for name in order.sample(names, len(names)):
+            run = runs[name]
+            start = time.perf_counter()
+            # One step of training.loop.train, in its order.
+            chosen = training_steps.sample_prompts(run, step)
+            batch = training_steps.generate(run, chosen, step)
+            scored = training_steps.score(run, batch, chosen)
+            ref_logps = training_steps.reference_logprobs(run, batch)
+            result = training_steps.update(run, batch, scored, ref_logps, step)
+            training_steps.metrics_row(run, step, batch, scored, ref_logps, result, (0,) * 4)
+            if step > warmup:
+                times[name].append(time.perf_counter() - start)
+                lengths[name].append(float(batch.lengths.float().mean()))
+        if step > warmup:
+            row = ", ".join(f"{name} {times[name][-1]:.4f}" for name in names)
+            print(f"step {step - warmup}/{steps}: {row}", flush=True)
+    stages = paired_effects(times, lengths)
+    settings = {
+        "shape": args.shape,
+        "training_overrides": overrides,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "stage_order": "a fresh random order at every step (random.Random(0))",
+        "stages": {name: {"options": stage_options(i)} for i, name in enumerate(names)},
+        "threads": threads,
+    }
+    results = _results(f"speedups_{args.shape}_interleaved", settings, load, stages)
+    print(
+        f"\n{'stage':<18}{'step s':>9}{'/ before [95 %]':>26}{'/ previous [95 %]':>26}{'length':>8}"
+    )
+    for name, st in stages.items():
+        print(
+            f"{name:<18}{st['step_time_s']['median']:>9.4f}{_interval(st['to_before']):>26}"
+            f"{_interval(st['to_previous']):>26}{st['completion_length']:>8.2f}"
+        )
+    common.write_result(f"speedups_{args.shape}_interleaved", results, args.out)
+
+
+def _results(benchmark: str, settings: dict, load: dict, stages: dict) -> dict:
+    return {
+        "benchmark": benchmark,
         "command": "python benchmarks/speedups.py " + " ".join(sys.argv[1:]),
-        "settings": {
-            "shape": args.shape,
-            "training_overrides": overrides,
-            "parameters": sum(p.numel() for p in policy.model.parameters()),
-            "steps": steps,
-            "warmup_steps": warmup,
-            "rounds": args.rounds,
-            "stages": {
-                name: {"what": what, "options": stage_options(i)}
-                for i, (name, what, _) in enumerate(STAGES)
-            },  # fmt: skip
-        },
+        "settings": settings,
         "load": load,
         "load_at_end": common.load_avg(),
         "machine": common.machine_info(),
         "stages": stages,
     }
-    print_table(stages)
-    common.write_result(f"speedups_{args.shape}", results, args.out)
+
+
+def paired_effects(times: dict[str, list[float]], lengths: dict[str, list[float]]) -> dict:
+    """Per stage: its step times, and the median over steps of its time over the first
+    stage's and over the previous stage's at the same step, each with a 95 % bootstrap
+    interval over the steps."""
+    import numpy as np
+
+    from fgrpo_pipeline.experiments.statistics import bootstrap_interval
+
+    def median_ratio(a: list[float], b: list[float]) -> dict:
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        found = bootstrap_interval(ratios, statistic=lambda rows: np.median(rows, axis=-1))
+        return {"median": found.mean, "low": found.low, "high": found.high}
+
+    names = list(times)
+    return {
+        name: {
+            "step_time_s": common.summary(times[name]),
+            "to_before": median_ratio(times[name], times[names[0]]),
+            "to_previous": median_ratio(times[name], times[names[max(i - 1, 0)]]),
+            "completion_length": statistics.fmean(lengths[name]),
+        }
+        for i, name in enumerate(names)
+    }
+
+
+def _interval(ratio: dict) -> str:
+    return f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:
