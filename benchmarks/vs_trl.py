@@ -41,7 +41,10 @@ Ours trains f-GRPO (the default ``training`` loss: KL divergence, β = 0.1), whi
 scores the reference. TRL runs GRPO with β = 0.1 (it then loads a reference model and adds the
 k3 KL) and, for scale, with β = 0 (no reference model: less work than ours). The losses differ
 by design; the work around them (generation, rewards, policy and reference forward, backward,
-AdamW) is the same.
+AdamW) is the same. When β = 0 is among ``--betas``, ours also runs the same work as TRL's
+β = 0 (``ours_grpo_no_reference``: GRPO, ``aggregation: dapo`` as TRL's default loss type,
+``kl_coef: 0``, ``score_reference: false``: no reference model, no reference pass), and the
+like-for-like ratio of the two is reported beside the others.
 
 Step time is the wall time between the ends of consecutive optimiser steps (everything the
 loop does, logging included), median over ``--steps`` steps after ``--warmup-steps``. The
@@ -75,6 +78,14 @@ DEFAULT_STEPS = {"tiny": (40, 5), "realistic": (20, 3)}
 # Ours / TRL's step time to reach (against TRL with a reference model, β > 0).
 GOAL_RATIO = {"tiny": 0.6, "realistic": 0.5}
 PHASE_GROUPS = ("generation", "scoring", "update")
+# Ours doing TRL-at-β=0's work: GRPO with TRL's default token reduction, no reference at all.
+OURS_NO_REFERENCE = "ours_grpo_no_reference"
+NO_REFERENCE_OVERRIDES = {
+    "loss": "grpo",
+    "aggregation": "dapo",
+    "kl_coef": 0.0,
+    "score_reference": False,
+}
 TRL_PHASES = (
     "generation",
     "rewards",
@@ -336,13 +347,18 @@ def run_rounds(
     each in a fresh interpreter: process-wide state (the C allocator's settings and heap,
     thread pools) must not pass from one trainer to the next."""
     runs: dict[str, list[dict]] = defaultdict(list)
-    configs = [("ours", None), *(("trl", beta) for beta in args.betas)]
+    configs = [
+        ("ours", "ours", None, {}),
+        *((f"trl_beta_{beta:g}", "trl", beta, {}) for beta in args.betas),
+    ]
+    if 0.0 in args.betas:
+        configs.append((OURS_NO_REFERENCE, "ours", None, NO_REFERENCE_OVERRIDES))
     for round_ in range(args.rounds):
-        for trainer, beta in configs:
-            name = "ours" if trainer == "ours" else f"trl_beta_{beta:g}"
+        for name, trainer, beta, overrides in configs:
             spec = {
                 "trainer": trainer,
                 "beta": beta,
+                "overrides": overrides,
                 "shape": args.shape,
                 "max_new_tokens": max_new_tokens,
                 "model_dir": str(model_dir),
@@ -374,7 +390,7 @@ def phase_groups(name: str, phases: dict[str, float], step: float) -> dict[str, 
     preparation); update = policy forward + loss + backward + clipping + optimiser; other =
     the median step minus those (loop and bookkeeping outside them; ≈, medians do not add).
     """
-    if name == "ours":
+    if name.startswith("ours"):
         groups = {k: phases[k] for k in ("generation", "scoring", "update")}
     else:
         groups = {
@@ -419,22 +435,35 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "reward_mean": _mean_of(reps, "reward_mean"),
             **({"reference_model": reps[0]["reference_model"]} if "beta" in reps[0] else {}),
         }
-    ours = configs["ours"]["step_time_s"]["median"]
-    ours_rounds = configs["ours"]["step_time_median_per_round_s"]
-    return {
+    trl = [name for name in configs if name.startswith("trl")]
+    summary = {
         "configs": configs,
-        "ratio_ours_to_trl": {
-            name: ours / c["step_time_s"]["median"] for name, c in configs.items() if name != "ours"
-        },
+        "ratio_ours_to_trl": {name: _ratio(configs, "ours", name) for name in trl},
         # The same ratio round by round (each round runs every configuration back to back).
         "ratio_ours_to_trl_per_round": {
-            name: [
-                o / t for o, t in zip(ours_rounds, c["step_time_median_per_round_s"], strict=True)
-            ]
-            for name, c in configs.items()
-            if name != "ours"
+            name: _ratio(configs, "ours", name, per_round=True) for name in trl
         },
     }
+    if OURS_NO_REFERENCE in configs and "trl_beta_0" in configs:
+        summary["like_for_like_no_reference"] = {
+            "ours": OURS_NO_REFERENCE,
+            "trl": "trl_beta_0",
+            "ratio": _ratio(configs, OURS_NO_REFERENCE, "trl_beta_0"),
+            "ratio_per_round": _ratio(configs, OURS_NO_REFERENCE, "trl_beta_0", per_round=True),
+        }
+    return summary
+
+
+def _ratio(configs: dict, ours: str, other: str, *, per_round: bool = False):
+    """The median step time of ``ours`` over ``other``'s, pooled or per round."""
+    if not per_round:
+        return configs[ours]["step_time_s"]["median"] / configs[other]["step_time_s"]["median"]
+    pairs = zip(
+        configs[ours]["step_time_median_per_round_s"],
+        configs[other]["step_time_median_per_round_s"],
+        strict=True,
+    )
+    return [o / t for o, t in pairs]
 
 
 def print_table(summary: dict) -> None:
@@ -443,7 +472,12 @@ def print_table(summary: dict) -> None:
         f"{'gen s':>9}{'score s':>9}{'update s':>9}{'other s':>9}"
     )
     for name, c in summary["configs"].items():
-        ratio = summary["ratio_ours_to_trl"].get(name, 1.0)
+        like = summary.get("like_for_like_no_reference", {})
+        ratio = (
+            like["ratio"]
+            if name == OURS_NO_REFERENCE
+            else summary["ratio_ours_to_trl"].get(name, 1.0)
+        )
         groups = c["phase_groups_s"]
         tps = c["tokens_per_s"] or float("nan")
         length = c["completion_length"] or float("nan")
@@ -454,6 +488,13 @@ def print_table(summary: dict) -> None:
         )
     for name, ratios in summary["ratio_ours_to_trl_per_round"].items():
         print(f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+    like = summary.get("like_for_like_no_reference")
+    if like:
+        print(
+            f"like for like, {like['ours']} / {like['trl']}: {like['ratio']:.3f} (rounds "
+            + ", ".join(f"{r:.3f}" for r in like["ratio_per_round"])
+            + ")"
+        )
     print(f"{'µs per generated token':>24}{'gen':>9}{'score':>9}{'update':>9}{'other':>9}")
     for name, c in summary["configs"].items():
         per_token = c["phase_groups_us_per_token"] or {}
@@ -478,8 +519,12 @@ def growth(per_length: dict[int, dict]) -> dict:
             "tokens_per_s": [r["tokens_per_s"] for r in rows],
             "phase_groups_s": {k: [r["phase_groups_s"][k] for r in rows] for k in PHASE_GROUPS},
         }
-        if name != "ours":
+        if name.startswith("trl"):
             entry["ratio_ours_to_it"] = [per_length[n]["ratio_ours_to_trl"][name] for n in lengths]
+        if name == OURS_NO_REFERENCE:
+            entry["ratio_to_trl_beta_0"] = [
+                per_length[n]["like_for_like_no_reference"]["ratio"] for n in lengths
+            ]
         usable = len(lengths) >= 2 and all(x and x > 0 for x in mean_lengths)
         if usable:
             entry["exponent_vs_mean_length"] = {

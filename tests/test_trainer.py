@@ -167,6 +167,12 @@ def test_f_hal_without_preferences_is_an_error(policy, prompts):
         ({"stepz": 3}, r"unknown training parameter\(s\) \['stepz'\]"),
         ({"sampling": {"max_new_tokens": 4, "temperature": 0.0}}, "temperature must be > 0"),
         ({"learning_rate": 0.0}, "'learning_rate' must be > 0"),
+        ({"score_reference": "no"}, "'score_reference' must be true or false"),
+        ({"score_reference": False}, "'score_reference' false needs a loss .*'f_grpo' does"),
+        (
+            {"score_reference": False, "loss": "grpo", "kl_coef": 0.05},
+            "'score_reference' false .*'grpo' with kl_coef=0.05 does",
+        ),
     ],
 )
 def test_bad_training_parameters(overrides, message):
@@ -204,3 +210,28 @@ def test_the_optimiser_steps_all_tensors_in_one_fused_kernel(policy, prompts):
     run = setup(policy, prompts, config(), preferences=None, reward_fn=None,
                 correctness_fn=None, monitors=(), resume_dir=None)  # fmt: skip
     assert run.optimizer.defaults["fused"] is True
+
+
+def test_grpo_without_its_kl_skips_the_reference_and_trains_the_same(policy, prompts, monkeypatch):
+    """GRPO at kl_coef 0 never reads π_ref: without ``score_reference`` no reference copy is
+    made (so no reference pass can run), and the run trains exactly the weights the run with
+    one trains; only the KL-to-reference columns become NaN."""
+    from fgrpo_pipeline.training import loop
+
+    made = []
+    make = loop.make_reference
+    monkeypatch.setattr(loop, "make_reference", lambda p: made.append(make(p)) or made[-1])
+    options = {"loss": "grpo", "seed": 3, "log_completions_every": 1}
+    full = train(policy, prompts, config(**options), progress=False)
+    assert len(made) == 1
+    lean = train(policy, prompts, config(**options, score_reference=False), progress=False)
+    assert len(made) == 1
+    for a, b in zip(full.policy.model.parameters(), lean.policy.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    pd.testing.assert_frame_equal(
+        full.metrics.drop(columns=[*TIMING, "kl_to_ref", "kl_k3"]),
+        lean.metrics.drop(columns=[*TIMING, "kl_to_ref"]),
+    )
+    assert full.metrics["kl_to_ref"].notna().all() and lean.metrics["kl_to_ref"].isna().all()
+    assert full.completions["implicit_reward"].notna().all()
+    assert lean.completions["implicit_reward"].isna().all()

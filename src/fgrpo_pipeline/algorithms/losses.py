@@ -834,7 +834,7 @@ class LossInputs:
     """
 
     logps: Tensor
-    ref_logps: Tensor
+    ref_logps: Tensor | None  # None: a loss that does not read π_ref (GRPO without KL)
     old_logps: Tensor
     mask: Tensor
     advantages: Tensor

@@ -44,6 +44,7 @@ class TrainerConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     share_prompts: bool = True
+    score_reference: bool = True
     length_buckets: int = 4
     keep_freed_memory: bool = True
     lr_schedule: str = "constant"
@@ -103,8 +104,20 @@ class TrainerConfig:
             "mixed_precision",
             f"must be one of {', '.join(MIXED_PRECISIONS)}",
         )
-        for name in ("gradient_checkpointing", "share_prompts", "keep_freed_memory"):
+        for name in (
+            "gradient_checkpointing",
+            "share_prompts",
+            "keep_freed_memory",
+            "score_reference",
+        ):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
+        _require(
+            self.score_reference or not self.loss_uses_reference(),
+            "score_reference",
+            f"false needs a loss that does not use π_ref; loss {self.loss.name!r}"
+            f"{f' with kl_coef={self.loss.kl_coef}' if self.loss.name == 'grpo' else ''} "
+            "does (only grpo with kl_coef: 0 can skip it)",
+        )
         _require(
             self.advantage_scale in ADVANTAGE_SCALES,
             "advantage_scale",
@@ -148,6 +161,10 @@ class TrainerConfig:
                 "describe: set top_p: 1.0, or engine_is_correction: true to weight by "
                 "π_old/π_sampled",
             )
+
+    def loss_uses_reference(self) -> bool:
+        """Whether the loss reads π_ref: every loss but GRPO without its KL term."""
+        return self.loss.name != "grpo" or self.loss.kl_coef > 0
 
     def uses_offline_data(self) -> bool:
         """FDO and DPO train on preference data when given; f-HAL needs it when λ > 0."""

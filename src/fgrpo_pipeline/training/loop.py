@@ -77,7 +77,7 @@ class TrainingRun:
     paired: bool  # DPO on preference data: pairs of one prompt
     policy: Policy  # the trainer's working copy
     rollout: Policy  # what generates and scores without grad (a full copy under FSDP)
-    reference: Any  # π_ref, called like a model
+    reference: Any  # π_ref, called like a model; None without ``score_reference``
     wrapped: torch.nn.Module  # the prepared model forward passes with grad go through
     grad_policy: Policy
     optimizer: torch.optim.Optimizer
@@ -244,7 +244,8 @@ def setup(
         keep_freed_memory()
     set_seed(config.seed)
     policy = _working_copy(policy, config, runtime)
-    reference = make_reference(policy)  # LoRA: the same weights, adapter off; else a copy
+    # LoRA: the same weights, adapter off; else a copy. None where the loss never reads it.
+    reference = make_reference(policy) if config.score_reference else None
     checkpointing = config.gradient_checkpointing and enable_gradient_checkpointing(policy.model)
     policy.model.train()
     optimizer = _adamw(policy.model, config)
@@ -376,7 +377,7 @@ def _prepare(run: TrainingRun, optimizer_state: dict | None) -> None:
     runtime = run.runtime
     if runtime.shards_weights:
         run.rollout = steps.snapshot(run.policy, checkpointing=run.checkpointing)
-        if run.config.lora is not None:
+        if run.config.lora is not None and run.reference is not None:
             run.reference = make_reference(run.rollout)
     run.wrapped, run.optimizer = runtime.prepare(run.policy.model, run.optimizer)
     if optimizer_state is not None:

@@ -93,8 +93,11 @@ def score(run: TrainingRun, batch: RolloutBatch, chosen: pd.DataFrame) -> Scored
     return ScoredRollouts(scored.rewards.to(device), scored.correct, scored.advantages.to(device))
 
 
-def reference_logprobs(run: TrainingRun, batch: RolloutBatch) -> Tensor:
-    """Per-token log-probs [N, T] of the batch under π_ref, without grad."""
+def reference_logprobs(run: TrainingRun, batch: RolloutBatch) -> Tensor | None:
+    """Per-token log-probs [N, T] of the batch under π_ref, without grad; None when the run
+    has no reference (``score_reference: false``, a loss that does not read it)."""
+    if run.reference is None:
+        return None
     with torch.no_grad(), run.runtime.autocast():
         return batch_logprobs(
             run.reference,
@@ -198,7 +201,11 @@ class Update:
 
 
 def update(
-    run: TrainingRun, batch: RolloutBatch, scored: ScoredRollouts, ref_logps: Tensor, step: int
+    run: TrainingRun,
+    batch: RolloutBatch,
+    scored: ScoredRollouts,
+    ref_logps: Tensor | None,
+    step: int,
 ) -> Update:
     """The loss of the batch (and of an offline minibatch, for the losses that use one) and
     one optimiser step on it; skipped on every rank when a loss or gradient is not finite."""
@@ -225,7 +232,7 @@ def update(
 
 
 def loss_inputs(
-    run: TrainingRun, batch: RolloutBatch, scored: ScoredRollouts, ref_logps: Tensor
+    run: TrainingRun, batch: RolloutBatch, scored: ScoredRollouts, ref_logps: Tensor | None
 ) -> tuple[LossInputs, dict[str, float]]:
     """The loss's inputs: the policy's log-probs with grad, π_old (the policy itself: one
     optimiser step per batch, ratio exactly 1), the engine-numerics correction, the offline
@@ -312,7 +319,7 @@ def metrics_row(
     step: int,
     batch: RolloutBatch,
     scored: ScoredRollouts,
-    ref_logps: Tensor,
+    ref_logps: Tensor | None,
     result: Update,
     times: tuple[float, float, float, float],
 ) -> dict[str, float]:
@@ -325,7 +332,7 @@ def metrics_row(
             "correct": scored.correct,
             "lengths": batch.lengths,
             "truncated": batch.truncated,
-            "log_ratio_ref": ((batch.old_logps - ref_logps) * mask).sum(dim=1),
+            "log_ratio_ref": sequence_log_ratio(batch, ref_logps),
             "tokens": mask.sum(dim=1),
         }
     )
@@ -360,6 +367,14 @@ def metrics_row(
     return row
 
 
+def sequence_log_ratio(batch: RolloutBatch, ref_logps: Tensor | None) -> Tensor:
+    """log π_old(y|x) − log π_ref(y|x) of every completion [N]: the per-sequence KL sample
+    (NaN without a reference: the metrics keep their columns, MLflow skips the values)."""
+    if ref_logps is None:
+        return torch.full((len(batch),), math.nan, device=batch.old_logps.device)
+    return ((batch.old_logps - ref_logps) * batch.completion_mask).sum(dim=1)
+
+
 def combine_reports(
     reports: list[tuple[dict[str, float], tuple[float, ...]]],
 ) -> tuple[dict[str, float], tuple[float, ...]]:
@@ -384,13 +399,13 @@ def completions_table(
     step: int,
     batch: RolloutBatch,
     scored: ScoredRollouts,
-    ref_logps: Tensor,
+    ref_logps: Tensor | None,
     offline: PreferenceInputs | None,
 ) -> pd.DataFrame:
     """The step's completions of every rank (``source`` online), and the offline minibatch
     the loss saw (``source`` offline; ``pair`` numbers DPO's same-prompt pairs)."""
     beta, n = run.config.loss.beta, len(batch)
-    log_ratio_ref = ((batch.old_logps - ref_logps) * batch.completion_mask).sum(dim=1)
+    log_ratio_ref = sequence_log_ratio(batch, ref_logps)
     table = {
         "source": ["online"] * n,
         "pair": [-1] * n,
