@@ -254,6 +254,23 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def paired_median_ratio(values: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
+    """The median of the pairwise ratios values[i] / baseline[i], with a 95 % bootstrap
+    interval over the pairs: {"median", "low", "high"}. Pairs measured back to back share
+    the machine's drift, which a ratio of two pooled medians does not cancel."""
+    import numpy as np
+
+    from fgrpo_pipeline.experiments.statistics import bootstrap_interval
+
+    ratios = [x / y for x, y in zip(values, baseline, strict=True)]
+    found = bootstrap_interval(ratios, statistic=lambda rows: np.median(rows, axis=-1))
+    return {"median": found.mean, "low": found.low, "high": found.high}
+
+
+def interval_text(ratio: Mapping[str, float]) -> str:
+    return f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
+
+
 def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Slope b of the least-squares line log y = a + b log x (y ∝ x^b)."""
     import math

@@ -205,8 +205,8 @@ def interleaved(args, params, steps: int, warmup: int, threads: int, load: dict)
     )
     for name, st in stages.items():
         print(
-            f"{name:<18}{st['step_time_s']['median']:>9.4f}{_interval(st['to_before']):>26}"
-            f"{_interval(st['to_previous']):>26}{st['completion_length']:>8.2f}"
+            f"{name:<18}{st['step_time_s']['median']:>9.4f}{common.interval_text(st['to_before']):>26}"
+            f"{common.interval_text(st['to_previous']):>26}{st['completion_length']:>8.2f}"
         )
     common.write_result(f"speedups_{args.shape}_interleaved", results, args.out)
 
@@ -227,29 +227,16 @@ def paired_effects(times: dict[str, list[float]], lengths: dict[str, list[float]
     """Per stage: its step times, and the median over steps of its time over the first
     stage's and over the previous stage's at the same step, each with a 95 % bootstrap
     interval over the steps."""
-    import numpy as np
-
-    from fgrpo_pipeline.experiments.statistics import bootstrap_interval
-
-    def median_ratio(a: list[float], b: list[float]) -> dict:
-        ratios = [x / y for x, y in zip(a, b, strict=True)]
-        found = bootstrap_interval(ratios, statistic=lambda rows: np.median(rows, axis=-1))
-        return {"median": found.mean, "low": found.low, "high": found.high}
-
     names = list(times)
     return {
         name: {
             "step_time_s": common.summary(times[name]),
-            "to_before": median_ratio(times[name], times[names[0]]),
-            "to_previous": median_ratio(times[name], times[names[max(i - 1, 0)]]),
+            "to_before": common.paired_median_ratio(times[name], times[names[0]]),
+            "to_previous": common.paired_median_ratio(times[name], times[names[max(i - 1, 0)]]),
             "completion_length": statistics.fmean(lengths[name]),
         }
         for i, name in enumerate(names)
     }
-
-
-def _interval(ratio: dict) -> str:
-    return f"{ratio['median']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
 
 
 def summarise(runs: dict[str, list[dict]]) -> dict:

@@ -1,7 +1,7 @@
 """Side by side with TRL's GRPOTrainer: the same model, prompts, reward and sizes.
 
     pip install -e ".[bench]"            # TRL, an optional benchmark dependency
-    python benchmarks/vs_trl.py [--steps 40] [--warmup-steps 5] [--rounds 3] [--threads 2]
+    python benchmarks/vs_trl.py [--steps 40] [--warmup-steps 5] [--rounds 6] [--threads 2]
     python benchmarks/vs_trl.py --shape realistic [--lengths 16 48 128]
 
 (On the dev machine TRL lives in its own venv layered over the dev venv, so that installing it
@@ -48,10 +48,14 @@ like-for-like ratio of the two is reported beside the others.
 
 Step time is the wall time between the ends of consecutive optimiser steps (everything the
 loop does, logging included), median over ``--steps`` steps after ``--warmup-steps``. The
-configurations run in rounds (ours, TRL β>0, TRL β=0, then again), so drift in machine load
-hits all of them alike; round r runs training seed r on both sides (other prompts, other
-lengths, averaged over the rounds); and a run during which other processes kept more than
-0.15 of a core busy is measured again (up to 3 tries; ``foreign_cpu_cores`` in the JSON).
+configurations run in rounds, every configuration once per round in a fresh random order
+(``random.Random(round)``), so drift in the machine's speed, which is large on a shared host,
+hits all of them alike and favours none by its place in the round; round r runs training
+seed r on both sides (other prompts, other lengths, averaged over the rounds); and a run
+during which other processes kept more than 0.15 of a core busy is measured again (up to 3
+tries; ``foreign_cpu_cores`` in the JSON). Each ratio is reported twice: the pooled medians'
+ratio, and the median of the rounds' ratios (each round's two runs measured minutes apart)
+with a 95 % bootstrap interval over the rounds, the one to read when the machine drifts.
 Each trainer's own phases are timed too: ours from its per-step ``time_*`` columns, TRL's by
 wrapping its methods (generation, rewards, reference and policy log-probs, the rest of its input
 preparation, loss, backward, clipping, optimiser). Tokens/s = generated completion tokens
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import sys
 import tempfile
@@ -73,8 +78,10 @@ import _common as common
 import torch
 
 SHAPES = ("tiny", "realistic")
-# --steps / --warmup-steps when not given: a realistic step is ~10-50× a tiny one.
-DEFAULT_STEPS = {"tiny": (40, 5), "realistic": (20, 3)}
+# --steps / --warmup-steps / --rounds when not given: a realistic step is ~10-50× a tiny one;
+# its rounds are kept short (a round's runs minutes apart) and many (a ratio per round).
+DEFAULT_STEPS = {"tiny": (40, 5), "realistic": (10, 2)}
+DEFAULT_ROUNDS = {"tiny": 6, "realistic": 6}
 # Ours / TRL's step time to reach (against TRL with a reference model, β > 0).
 GOAL_RATIO = {"tiny": 0.6, "realistic": 0.5}
 PHASE_GROUPS = ("generation", "scoring", "update")
@@ -346,15 +353,16 @@ def run_rounds(
     """Every configuration (ours, then TRL at each β) once per round, each measured clean,
     each in a fresh interpreter: process-wide state (the C allocator's settings and heap,
     thread pools) must not pass from one trainer to the next."""
-    runs: dict[str, list[dict]] = defaultdict(list)
     configs = [
         ("ours", "ours", None, {}),
         *((f"trl_beta_{beta:g}", "trl", beta, {}) for beta in args.betas),
     ]
     if 0.0 in args.betas:
         configs.append((OURS_NO_REFERENCE, "ours", None, NO_REFERENCE_OVERRIDES))
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in configs}  # tables in this order
     for round_ in range(args.rounds):
-        for name, trainer, beta, overrides in configs:
+        order = random.Random(round_).sample(configs, len(configs))
+        for position, (name, trainer, beta, overrides) in enumerate(order):
             spec = {
                 "trainer": trainer,
                 "beta": beta,
@@ -372,7 +380,9 @@ def run_rounds(
             run, foreign, tries = common.measure_clean(
                 lambda spec=spec: common.in_child(__file__, spec), label=f"{tag}{name}"
             )
-            runs[name].append({**run, "foreign_cpu_cores": foreign, "tries": tries})
+            runs[name].append(
+                {**run, "foreign_cpu_cores": foreign, "tries": tries, "place_in_round": position}
+            )
             median = statistics.median(runs[name][-1]["step_times"])
             print(f"{tag}round {round_}: {name} {median:.4f}", flush=True)
     return runs
@@ -421,6 +431,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "step_time_median_per_round_s": [statistics.median(r["step_times"]) for r in reps],
             "foreign_cpu_cores_per_round": [r["foreign_cpu_cores"] for r in reps],
             "tries_per_round": [r["tries"] for r in reps],
+            "place_in_round": [r["place_in_round"] for r in reps],
             "phases_median_s": phases,
             "phase_groups_s": phase_groups(name, phases, step),
             "completion_length": _mean_of(reps, "completion_length"),
@@ -443,6 +454,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
         "ratio_ours_to_trl_per_round": {
             name: _ratio(configs, "ours", name, per_round=True) for name in trl
         },
+        # Their median, with a 95 % bootstrap interval over the rounds.
+        "ratio_ours_to_trl_paired": {name: _paired(configs, "ours", name) for name in trl},
     }
     if OURS_NO_REFERENCE in configs and "trl_beta_0" in configs:
         summary["like_for_like_no_reference"] = {
@@ -450,8 +463,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
             "trl": "trl_beta_0",
             "ratio": _ratio(configs, OURS_NO_REFERENCE, "trl_beta_0"),
             "ratio_per_round": _ratio(configs, OURS_NO_REFERENCE, "trl_beta_0", per_round=True),
+            "ratio_paired": _paired(configs, OURS_NO_REFERENCE, "trl_beta_0"),
         }
     return summary
+
+
+def _paired(configs: dict, ours: str, other: str) -> dict[str, float]:
+    return common.paired_median_ratio(
+        configs[ours]["step_time_median_per_round_s"],
+        configs[other]["step_time_median_per_round_s"],
+    )
 
 
 def _ratio(configs: dict, ours: str, other: str, *, per_round: bool = False):
@@ -487,13 +508,16 @@ def print_table(summary: dict) -> None:
             + "".join(f"{groups[k]:>9.4f}" for k in ("generation", "scoring", "update", "other"))
         )
     for name, ratios in summary["ratio_ours_to_trl_per_round"].items():
-        print(f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios))
+        print(
+            f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios)
+            + f"; median {common.interval_text(summary['ratio_ours_to_trl_paired'][name])}"
+        )  # fmt: skip
     like = summary.get("like_for_like_no_reference")
     if like:
         print(
             f"like for like, {like['ours']} / {like['trl']}: {like['ratio']:.3f} (rounds "
             + ", ".join(f"{r:.3f}" for r in like["ratio_per_round"])
-            + ")"
+            + f"; median {common.interval_text(like['ratio_paired'])})"
         )
     print(f"{'µs per generated token':>24}{'gen':>9}{'score':>9}{'update':>9}{'other':>9}")
     for name, c in summary["configs"].items():
@@ -573,7 +597,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (40; 20)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (5; 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="repeats of every configuration")
+    parser.add_argument("--rounds", type=int, default=None, help="repeats of every config (6)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.0], help="TRL betas")
     parser.add_argument("--max-load", type=float, default=0.8)
@@ -584,6 +608,7 @@ def main() -> None:
     default_steps, default_warmup = DEFAULT_STEPS[args.shape]
     args.steps = default_steps if args.steps is None else args.steps
     args.warmup_steps = default_warmup if args.warmup_steps is None else args.warmup_steps
+    args.rounds = DEFAULT_ROUNDS[args.shape] if args.rounds is None else args.rounds
     if args.warmup_steps < 1 or args.steps < 1:
         parser.error("--steps and --warmup-steps must be ≥ 1 (a step time is between two ends)")
     try:
