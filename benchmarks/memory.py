@@ -22,7 +22,8 @@ Writes ``benchmarks/results/memory.json``. The kedro run takes about 3 minutes o
 ``--shape realistic`` (needs TRL, the bench extra): the realistic shape of
 ``vs_trl.py --shape realistic`` (an untrained 4.0M-parameter Qwen2, ~65-token few-shot
 prompts, P = 8 × G = 8, the ``digit_share`` reward) trained by ours (f-GRPO, KL, β = 0.1) and
-by TRL's GRPOTrainer (``--betas``, default 0.1: with its reference model, as ours), each in a
+by TRL's GRPOTrainer (``--betas``, default 0.1: with its reference model, as ours; with 0 among
+them, also ours at TRL β = 0's work, GRPO with ``score_reference: false``), each in a
 fresh interpreter of its own so the peaks are separate, at each of ``--lengths`` max new
 tokens (default 48), for ``--training-steps`` steps (default 10: in a batch of 64 some
 completion nearly always fills the budget and both trainers pad to the longest, so every step
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import _common as common
 import psutil
+import vs_trl
 
 MIB = 2**20
 
@@ -105,9 +107,8 @@ REALISTIC_CHILD = textwrap.dedent(
     common.set_threads({threads})
     params = {{"training": json.loads({training!r})}}  # conf/base's, resolved by the parent
     prompts = common.realistic_prompts()
-    common_kwargs = dict(
-        steps={steps}, warmup=1, overrides=common.realistic_overrides({length})
-    )
+    overrides = {{**common.realistic_overrides({length}), **json.loads({overrides!r})}}
+    common_kwargs = dict(steps={steps}, warmup=1, overrides=overrides)
     t0 = time.perf_counter()
     if {trainer!r} == "ours":
         run = vs_trl.run_ours({model_dir!r}, params, prompts, reward_fn=common.digit_share,
@@ -201,10 +202,20 @@ def training_run(steps: int, threads: int) -> dict:
 
 
 def realistic_run(
-    trainer: str, model_dir: Path, training: str, *, length: int, steps: int, threads: int, beta
+    trainer: str,
+    model_dir: Path,
+    training: str,
+    *,
+    length: int,
+    steps: int,
+    threads: int,
+    beta,
+    overrides: dict | None = None,
 ) -> dict:
-    """One realistic-shape training (``trainer`` "ours" or "trl") in a fresh interpreter."""
+    """One realistic-shape training (``trainer`` "ours" or "trl") in a fresh interpreter;
+    ``overrides``: training parameters over the shape's (ours)."""
     code = REALISTIC_CHILD.format(
+        overrides=json.dumps(overrides or {}),
         bench=str(Path(__file__).parent),
         trainer=trainer,
         model_dir=str(model_dir),
@@ -237,13 +248,17 @@ def realistic_memory(args) -> dict:
     steps = args.training_steps or 10
     training = json.dumps(common.project_parameters()["training"])
     policy = common.realistic_policy(max_position_embeddings=max(512, 128 + max(lengths)))
-    trainers = [("ours", None), *(("trl", beta) for beta in args.betas)]
+    trainers = [
+        ("ours", "ours", None, {}),
+        *((f"trl_beta_{beta:g}", "trl", beta, {}) for beta in args.betas),
+    ]
+    if 0.0 in args.betas:  # ours at TRL β = 0's work (vs_trl.py): no reference copy
+        trainers.append((vs_trl.OURS_NO_REFERENCE, "ours", None, vs_trl.NO_REFERENCE_OVERRIDES))
     runs: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="fgrpo-bench-") as tmp:
         model_dir = common.save_policy(policy, Path(tmp) / "policy")
         for length in lengths:
-            for trainer, beta in trainers:
-                name = "ours" if trainer == "ours" else f"trl_beta_{beta:g}"
+            for name, trainer, beta, overrides in trainers:
                 run = realistic_run(
                     trainer,
                     model_dir,
@@ -252,6 +267,7 @@ def realistic_memory(args) -> dict:
                     steps=steps,
                     threads=args.threads,
                     beta=beta,
+                    overrides=overrides,
                 )
                 runs.setdefault(name, {})[str(length)] = run
                 print(
@@ -271,9 +287,9 @@ def realistic_memory(args) -> dict:
                 for p, n in zip(peaks, lengths, strict=True)
             ],
         }
-    print(f"\n{'peak RSS, MiB':>16}" + "".join(f"{n:>10}" for n in lengths))
+    print(f"\n{'peak RSS, MiB':>24}" + "".join(f"{n:>10}" for n in lengths))
     for name, entry in growth.items():
-        print(f"{name:>16}" + "".join(f"{p:>10.0f}" for p in entry["peak_rss_mib"]))
+        print(f"{name:>24}" + "".join(f"{p:>10.0f}" for p in entry["peak_rss_mib"]))
     return {
         "settings": {
             "shape": "realistic",
