@@ -492,8 +492,8 @@ def print_table(summary: dict) -> None:
         f"{'config':>14}{'median step s':>15}{'ours / it':>11}{'tokens/s':>10}{'length':>8}"
         f"{'gen s':>9}{'score s':>9}{'update s':>9}{'other s':>9}"
     )
+    like = summary.get("like_for_like_no_reference", {})
     for name, c in summary["configs"].items():
-        like = summary.get("like_for_like_no_reference", {})
         ratio = (
             like["ratio"]
             if name == OURS_NO_REFERENCE
@@ -512,7 +512,6 @@ def print_table(summary: dict) -> None:
             f"ours / {name} per round: " + ", ".join(f"{r:.3f}" for r in ratios)
             + f"; median {common.interval_text(summary['ratio_ours_to_trl_paired'][name])}"
         )  # fmt: skip
-    like = summary.get("like_for_like_no_reference")
     if like:
         print(
             f"like for like, {like['ours']} / {like['trl']}: {like['ratio']:.3f} (rounds "
@@ -595,8 +594,8 @@ def main() -> None:
         help=f"max new tokens, one measurement each (realistic only; default "
         f"{common.REALISTIC_MAX_NEW_TOKENS}; e.g. 16 48 128 for the growth table)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (40; 20)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (5; 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (40; 10)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (5; 2)")
     parser.add_argument("--rounds", type=int, default=None, help="repeats of every config (6)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.0], help="TRL betas")
