@@ -100,6 +100,7 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
     """The trainer's own step functions (``fgrpo_pipeline.training.step``), one clock per
     function, and inside ``update`` the policy scoring, the loss and the backward pass timed
     through the run's own objects (the rest of ``update`` is clipping and AdamW)."""
+    from fgrpo_pipeline.rollout.direct_step import DirectStep
     from fgrpo_pipeline.training import step as steps_
     from fgrpo_pipeline.training.loop import setup
 
@@ -111,9 +112,12 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
     run.scorer.logprobs = _timed(run.scorer.logprobs, inner, "policy_logps")
     run.scorer.backward = _timed(run.scorer.backward, inner, "backward")
     run.loss_fn = _timed(run.loss_fn, inner, "loss_forward")
-    # the model's own forward calls inside generate(): the rest is generate()'s overhead
+    # the model's own forward calls inside generate() (its direct decoding steps too): the
+    # rest is generate()'s overhead
     model = run.rollout.model
     timed_forward = _timed(model.forward, inner, "generation_model_forward")
+    direct_step = DirectStep.__call__
+    DirectStep.__call__ = _timed(direct_step, inner, "generation_model_forward")
 
     rows: list[dict[str, float]] = []
     for step in range(1, warmup + steps + 1):
@@ -145,6 +149,7 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"non-finite loss at step {step}")
         rows.append(dict(t))
+    DirectStep.__call__ = direct_step
 
     rows = rows[warmup:]
     med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}

@@ -12,11 +12,14 @@ parameter, so the code before is still there to measure against):
    default malloc (``keep_freed_memory: false``);
 1. ``decoding_loop``: the hf engine's own decoding loop (each prompt prefilled once, a KV
    cache allocated once), the prompt's cache repeated to its rows (``cascade_attention:
-   false``), every row decoded to the end (``drop_finished: false``);
+   false``), every row decoded to the end (``drop_finished: false``)
+   (these first stages step the model through its forward: ``direct_step: false``);
 2. ``cascade_attention``: each prompt's keys and values held once for its G rows;
 3. ``drop_finished``: rows that produced EOS leave the decoding batch;
-4. ``length_buckets``: the teacher-forced passes in up to 4 passes of similar lengths;
-5. ``keep_freed_memory``: freed tensor memory kept in the process for the next step.
+4. ``direct_step``: the decoding steps run on the model's modules, without its forward's
+   per-call machinery;
+5. ``length_buckets``: the teacher-forced passes in up to 4 passes of similar lengths;
+6. ``keep_freed_memory``: freed tensor memory kept in the process for the next step.
 
 Every stage trains the same saved policy on the same prompts (``--shape``: ``tiny``, the
 default run's work; ``realistic``, the 4M-parameter shape of ``vs_trl.py --shape
@@ -31,7 +34,7 @@ reported beside each to show it.
 Writes ``benchmarks/results/speedups_<shape>.json``.
 
 ``--interleave``: the machine's drift between runs (±15 % within minutes here) is larger
-than most single stages' effect, so this mode runs stages 0–4 in one process, side by side:
+than most single stages' effect, so this mode runs stages 0–5 in one process, side by side:
 one training run per stage (the same policy, prompts and seed), and at every step each run
 takes its step in a fresh random order, each step timed on its own. A stage's effect is then
 the median over steps of its step time over the other stage's at the same step (paired,
@@ -52,6 +55,7 @@ from pathlib import Path
 
 import _common as common
 
+FORWARD_STEP = {"direct_step": False}  # the decoding loop's stages before direct_step
 STAGES = (
     (
         "before",
@@ -61,14 +65,19 @@ STAGES = (
     (
         "decoding_loop",
         "+ the engine's own decoding loop (prefill once, KV cache allocated once)",
-        {"engine_options": {"cascade_attention": False, "drop_finished": False}},
+        {"engine_options": {**FORWARD_STEP, "cascade_attention": False, "drop_finished": False}},
     ),
     (
         "cascade_attention",
         "+ each prompt's keys and values held once while decoding",
-        {"engine_options": {"drop_finished": False}},
+        {"engine_options": {**FORWARD_STEP, "drop_finished": False}},
     ),
-    ("drop_finished", "+ finished rows leave the decoding batch", {"engine_options": {}}),
+    (
+        "drop_finished",
+        "+ finished rows leave the decoding batch",
+        {"engine_options": FORWARD_STEP},
+    ),
+    ("direct_step", "+ decoding steps on the model's modules", {"engine_options": {}}),
     ("length_buckets", "+ completions in up to 4 passes of similar lengths", {"length_buckets": 4}),
     ("keep_freed_memory", "+ freed memory kept for the next step", {"keep_freed_memory": True}),
 )
@@ -101,7 +110,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--interleave", action="store_true", help="stages 0-4 in one process")
+    parser.add_argument("--interleave", action="store_true", help="stages 0-5 in one process")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     steps, warmup = DEFAULT_STEPS[args.shape]
@@ -155,7 +164,7 @@ def main() -> None:
 
 
 def interleaved(args, params, steps: int, warmup: int, threads: int, load: dict) -> None:
-    """``--interleave`` (module docstring): stages 0-4 stepped in turn in this process."""
+    """``--interleave`` (module docstring): stages 0-5 stepped in turn in this process."""
     from fgrpo_pipeline.training import step as training_steps
     from fgrpo_pipeline.training.loop import setup
 

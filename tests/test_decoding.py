@@ -224,14 +224,17 @@ def _recording_attach(monkeypatch) -> list:
     return attached
 
 
-def test_decoding_holds_each_prompt_once(policy, monkeypatch):
+@pytest.mark.parametrize("direct_step", [True, False])
+def test_decoding_holds_each_prompt_once(policy, monkeypatch, direct_step):
     attached = _recording_attach(monkeypatch)
-    get_engine("hf").generate(policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=6))
+    engine = get_engine("hf", direct_step=direct_step)
+    engine.generate(policy, ENGINE_PROMPTS, G, SamplingConfig(max_new_tokens=6))
     (shared,) = attached
     layers = shared.cache.layers
     assert all(isinstance(layer, SharedPrefixLayer) for layer in layers)
     assert {layer.prefix_keys.shape[0] for layer in layers} == {len(ENGINE_PROMPTS)}
-    assert shared.calls == len(layers)  # every layer of the last step attended through it
+    if not direct_step:  # every layer of the last step attended through the interface
+        assert shared.calls == len(layers)
     assert policy.model.config._attn_implementation != SHARED_PREFIX_ATTENTION  # restored
 
 
@@ -242,7 +245,7 @@ def test_a_model_whose_attention_ignores_the_interface_falls_back(policy, monkey
     attached = _recording_attach(monkeypatch)
     monkeypatch.setattr(SharedPrefix, "attending", lambda self, model: contextlib.nullcontext())
     config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=0)
-    ours = get_engine("hf").generate(policy, ENGINE_PROMPTS, G, config)
+    ours = get_engine("hf", direct_step=False).generate(policy, ENGINE_PROMPTS, G, config)
     theirs = get_engine("hf", use_generate=True).generate(policy, ENGINE_PROMPTS, G, config)
     _assert_same_rollouts(ours, theirs)
     assert attached[0].calls == 0
@@ -254,6 +257,7 @@ def test_a_model_whose_attention_ignores_the_interface_falls_back(policy, monkey
     [
         ({"drop_finished": "no"}, "'drop_finished' must be true or false"),
         ({"cascade_attention": 1}, "'cascade_attention' must be true or false"),
+        ({"direct_step": "yes"}, "'direct_step' must be true or false"),
         ({"beam_width": 2}, "unexpected keyword argument 'beam_width'"),
     ],
 )

@@ -17,7 +17,10 @@ top-p, top-k off; or greedy), and does less work per token:
   have produced EOS, their cache rows are dropped, so long and short completions do not
   cost the same;
 * the step's log-probs of the sampled tokens are taken from the logits it sampled from
-  (``old_logps``), without keeping a [N, T, V] stack.
+  (``old_logps``), without keeping a [N, T, V] stack;
+* **a Llama-family model's steps run on its modules** (``direct_step``,
+  :class:`~fgrpo_pipeline.rollout.direct_step.DirectStep`): the same arithmetic without
+  ``transformers``' per-forward machinery, which costs as much as a small model's step.
 
 The random numbers of every row are those ``generate``'s multinomial draws for it
 (:func:`_sample`), dropped rows or not, so the same seed gives ``generate``'s samples (the
@@ -36,6 +39,7 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from fgrpo_pipeline.rollout.direct_step import DirectStep, padded_attention
 from fgrpo_pipeline.rollout.engine import SamplingConfig
 from fgrpo_pipeline.rollout.logprobs import nucleus_mask, prompt_pass
 
@@ -217,6 +221,14 @@ class SharedPrefix:
             config._attn_implementation = saved
             _ACTIVE.reset(token)
 
+    def attend(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float):
+        """:class:`~fgrpo_pipeline.rollout.direct_step.DirectStep`'s attention: layer
+        ``index``'s new key and value stored, then the two-part attention ([B, 1, H·D])."""
+        layer = self.cache.layers[index]
+        keys, values = layer.update(key, value)
+        out = _two_part_attention(query, keys, values, layer, self, scale)
+        return out.reshape(out.shape[0], 1, -1)
+
     def routed(self) -> bool:
         """Whether every layer's attention of the last step went through this class."""
         return self.calls == len(self.cache.layers)
@@ -295,13 +307,15 @@ def decode(
     share_prompts: bool = True,
     drop_finished: bool = True,
     cascade_attention: bool = True,
+    direct_step: bool = True,
 ) -> Decoded | None:
     """Sample ``group_size`` completions of each left-padded prompt row (P rows → N = P·G
     completions, the G of a prompt consecutive). ``share_prompts``: prefill each prompt
     once (else every row); ``cascade_attention``: and hold its keys and values once
-    (:class:`SharedPrefix`; else repeated per row). The caller seeds the RNG and sets
-    no-grad and eval mode. None if the model's forward returns no cache this loop can drive
-    (the engine then falls back to ``generate``)."""
+    (:class:`SharedPrefix`; else repeated per row); ``direct_step``: decoding steps of a
+    Llama-family model run on its modules (:class:`DirectStep`; else through its forward).
+    The caller seeds the RNG and sets no-grad and eval mode. None if the model's forward
+    returns no cache this loop can drive (the engine then falls back to ``generate``)."""
     n_prompt, max_new = prompt_ids.shape[1], sampling.max_new_tokens
     n = prompt_ids.shape[0] * group_size
     prefilled = _prefill(
@@ -311,6 +325,7 @@ def decode(
         return None
     cache_kwarg, cache, logits, shared = prefilled
     prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)
+    direct = _direct_step(model, cache, n_prompt + max_new) if direct_step else None
 
     device = prompt_ids.device
     mask = torch.ones(n, n_prompt + max_new, dtype=prompt_mask.dtype, device=device)
@@ -337,18 +352,32 @@ def decode(
             else:
                 cache.batch_select_indices(keep)
             rows, done, token = rows[keep], done[keep], token[keep]
+        step_mask, positions = mask[rows, : n_prompt + t + 1], first_position[rows] + t
+        if direct is not None:
+            attend = shared.attend if shared else padded_attention(cache.layers, step_mask)
+            logits = direct(token, positions, attend)
+            continue
         out, shared = _step(
             model,
             shared,
             t,
             input_ids=token.unsqueeze(1),
-            attention_mask=mask[rows, : n_prompt + t + 1],
-            position_ids=(first_position[rows] + t).unsqueeze(1),
+            attention_mask=step_mask,
+            position_ids=positions.unsqueeze(1),
             use_cache=True,
             **{cache_kwarg: cache},
         )
         logits = out.logits[:, -1]
     return Decoded(tokens[:, :steps], logps[:, :steps])
+
+
+def _direct_step(model: PreTrainedModel, cache: object, positions: int) -> DirectStep | None:
+    """:class:`DirectStep` for ``model``, if it has one and every layer of ``cache`` is one
+    of this loop's (the step writes the new positions through their ``update``)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(not isinstance(layer, PreallocatedLayer) for layer in layers):
+        return None
+    return DirectStep.of(model, positions)
 
 
 def _prefill(model, prompt_ids, prompt_mask, group_size, max_new, share_prompts, cascade):

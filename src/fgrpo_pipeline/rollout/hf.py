@@ -28,7 +28,9 @@ class HFEngine:
     By default the engine runs its own decoding loop (:mod:`.decoding`): each distinct
     prompt prefilled once, its keys and values held once for its G rows
     (``cascade_attention``), a KV cache allocated once, finished rows dropped from the batch
-    (``drop_finished``), the sampling rule that of ``generate`` with the engine's knobs.
+    (``drop_finished``), a Llama-family model's decoding steps run on its modules without
+    its forward's per-call machinery (``direct_step``), the sampling rule that of
+    ``generate`` with the engine's knobs.
     ``use_generate=True`` calls ``model.generate`` instead (also the fall-back for a model
     whose forward returns no cache the loop can drive); there, with ``share_prompts`` (the
     default), all but the last token of each distinct prompt run once and ``generate``
@@ -45,12 +47,14 @@ class HFEngine:
         drop_finished: bool = True,
         cascade_attention: bool = True,
         use_generate: bool = False,
+        direct_step: bool = True,
     ) -> None:
         options = {
             "share_prompts": share_prompts,
             "drop_finished": drop_finished,
             "cascade_attention": cascade_attention,
             "use_generate": use_generate,
+            "direct_step": direct_step,
         }
         for name, value in options.items():
             if not isinstance(value, bool):
@@ -59,6 +63,7 @@ class HFEngine:
         self.drop_finished = drop_finished
         self.cascade_attention = cascade_attention
         self.use_generate = use_generate
+        self.direct_step = direct_step
 
     def generate(
         self, policy: Policy, prompts: list[str], group_size: int, sampling: SamplingConfig
@@ -100,6 +105,7 @@ class HFEngine:
                     share_prompts=self.share_prompts,
                     drop_finished=self.drop_finished,
                     cascade_attention=self.cascade_attention,
+                    direct_step=self.direct_step,
                 )
             if decoded is None:
                 decoded = self._generate(model, encoded, prompt_ids, prompt_mask, config, sampling)
