@@ -354,8 +354,10 @@ def decode(
             rows, done, token = rows[keep], done[keep], token[keep]
         step_mask, positions = mask[rows, : n_prompt + t + 1], first_position[rows] + t
         if direct is not None:
-            attend = shared.attend if shared else padded_attention(cache.layers, step_mask)
-            logits = direct(token, positions, attend)
+            if shared is not None:
+                logits = direct(token, positions, shared.attend)
+            else:
+                logits = direct(token, positions, padded_attention(cache.layers, step_mask))
             continue
         out, shared = _step(
             model,
