@@ -26,6 +26,15 @@ from tests.test_shared_prompt_scoring import _assert_same_rollouts
 
 G = 4
 SAMPLING = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=3)
+# The random Llama- and Qwen2-family models' sizes: grouped-query attention (4 heads, 2 kv).
+SIZES = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +62,7 @@ def _llama(tokenizer, **extra) -> Policy:
     """A random tiny Llama with grouped-query attention and biased projections, initialised
     wide enough that its next-token distributions are far from uniform."""
     config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **SIZES,
         attention_bias=True,
         initializer_range=0.3,
         **_tokens(tokenizer),
@@ -122,12 +126,7 @@ def test_a_llama_samples_what_generate_samples(qwen2):
 
 def _unfit_models(tokenizer) -> dict[str, Policy]:
     sliding = Qwen2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **SIZES,
         use_sliding_window=True,
         sliding_window=4,
         max_window_layers=1,
