@@ -3,13 +3,13 @@
     python benchmarks/default_budget.py [--settings 2000:1e-4 1000:2e-4 ...] [--seeds 0 1 2 3 4]
         [--jobs 2]
 
-A setting is ``steps:learning_rate[:prompts_per_step[:lr_schedule]]`` (the rest as in
-conf/base). For every setting × training seed, the default run's work: its base policy (the
-``base_policy`` pipeline's, warmed up once with conf/base's seed) trained on the train split
-with conf/base's f-GRPO (KL, β = 0.1), then base and trained evaluated on the test split as
-the ``evaluation`` pipeline does (180 prompts, 4 samples each, and greedy). The training
-seed moves the prompt order and the samples, as float rounding on another CPU does, so the
-spread over seeds is what the default run's numbers may do on another machine.
+A setting is ``steps:learning_rate[:prompts_per_step[:lr_schedule[:warmup_steps]]]`` (the
+rest as in conf/base). For every setting × training seed, the default run's work: its base
+policy (the ``base_policy`` pipeline's, warmed up once with conf/base's seed) trained on the
+train split with conf/base's f-GRPO (KL, β = 0.1), then base and trained evaluated on the
+test split as the ``evaluation`` pipeline does (180 prompts, 4 samples each, and greedy). The
+training seed moves the prompt order and the samples, as float rounding on another CPU does,
+so the spread over seeds is what the default run's numbers may do on another machine.
 
 Reported per setting: the sampled-accuracy gain (trained − base, in points) per seed, its
 mean with a 95 % interval (expanded bootstrap over seeds, as the sweeps), its minimum, the
@@ -42,6 +42,8 @@ def parse_setting(text: str) -> dict:
         setting["prompts_per_step"] = int(parts[2])
     if len(parts) > 3:
         setting["lr_schedule"] = parts[3]
+    if len(parts) > 4:
+        setting["warmup_steps"] = int(parts[4])
     return setting
 
 
@@ -169,14 +171,15 @@ def summarise(settings: list[dict], seeds: list[int], results: list[dict], base:
 def print_table(table: list[dict], base: dict) -> None:
     print(f"\nbase: sampled {base['sampled_accuracy']:.3f}, greedy {base['greedy_accuracy']:.3f}")
     print(
-        f"{'steps':>6}{'lr':>9}{'P':>4}{'schedule':>10}{'sampled gain (points)':>26}{'min':>7}"
+        f"{'steps':>6}{'lr':>9}{'P':>4}{'schedule':>10}{'warm-up':>8}{'sampled gain (points)':>26}"
+        f"{'min':>7}"
         f"{'greedy gain':>13}{'train s':>9}"
     )
     for row in table:
         ci = row["sampled_gain_ci"]
         print(
             f"{row['steps']:>6}{row['learning_rate']:>9.1e}{row.get('prompts_per_step', 32):>4}"
-            f"{row.get('lr_schedule', 'constant'):>10}"
+            f"{row.get('lr_schedule', 'constant'):>10}{row.get('warmup_steps', 0):>8}"
             f"{row['sampled_gain_mean']:>+10.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
             f"{row['sampled_gain_min']:>+7.1f}{row['greedy_gain_mean']:>+13.1f}"
             f"{row['train_s_median']:>9.0f}"
