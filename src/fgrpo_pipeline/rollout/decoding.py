@@ -352,19 +352,21 @@ def decode(
             else:
                 cache.batch_select_indices(keep)
             rows, done, token = rows[keep], done[keep], token[keep]
-        step_mask, positions = mask[rows, : n_prompt + t + 1], first_position[rows] + t
+        positions = first_position[rows] + t
+        # The rows' masks (a gather) only where the step reads them: not for held-once prompts.
         if direct is not None:
             if shared is not None:
                 logits = direct(token, positions, shared.attend)
             else:
-                logits = direct(token, positions, padded_attention(cache.layers, step_mask))
+                attend = padded_attention(cache.layers, mask[rows, : n_prompt + t + 1])
+                logits = direct(token, positions, attend)
             continue
         out, shared = _step(
             model,
             shared,
             t,
             input_ids=token.unsqueeze(1),
-            attention_mask=step_mask,
+            attention_mask=mask[rows, : n_prompt + t + 1],
             position_ids=positions.unsqueeze(1),
             use_cache=True,
             **{cache_kwarg: cache},
