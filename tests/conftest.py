@@ -170,3 +170,19 @@ def briefly_warmed_policy():
         progress=False,
     )
     return policy
+
+
+def trained_lora(policy, *, seed: int = 1, std: float = 0.3):
+    """A deep copy of ``policy`` with a rank-4 LoRA adapter whose B matrices are not zero, so
+    the adapter changes every output (a fresh one computes exactly the base)."""
+    import copy
+
+    from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
+
+    lora = apply_lora(copy.deepcopy(policy), LoraSettings(r=4, alpha=8, dropout=0.0))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in lora.model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return lora

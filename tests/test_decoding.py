@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
 from fgrpo_pipeline.rollout import SamplingConfig, decoding, get_engine, token_logprobs
 from fgrpo_pipeline.rollout.decoding import (
     SHARED_PREFIX_ATTENTION,
@@ -21,7 +20,7 @@ from fgrpo_pipeline.rollout.decoding import (
     _two_part_attention,
     preallocate,
 )
-from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
+from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy, trained_lora
 from tests.test_shared_prompt_scoring import _assert_same_rollouts, counting_positions
 
 G = 4
@@ -67,7 +66,7 @@ def test_the_loop_samples_what_generate_samples(
 
 
 def test_a_lora_policy_samples_what_generate_samples(policy):
-    lora = apply_lora(policy, LoraSettings(r=4, alpha=8, dropout=0.0))
+    lora = trained_lora(policy)  # a copy: the module's other tests keep the plain policy
     config = SamplingConfig(temperature=1.3, max_new_tokens=6, seed=5)
     _assert_same_rollouts(
         get_engine("hf").generate(lora, ENGINE_PROMPTS, G, config),

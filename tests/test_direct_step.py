@@ -17,11 +17,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from fgrpo_pipeline.models.lora import LoraSettings, apply_lora
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.rollout import SamplingConfig, decoding, get_engine
 from fgrpo_pipeline.rollout.direct_step import DirectStep
-from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
+from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy, trained_lora
 from tests.test_shared_prompt_scoring import _assert_same_rollouts
 
 G = 4
@@ -71,18 +70,6 @@ def _llama(tokenizer, **extra) -> Policy:
     return _random_policy(tokenizer, LlamaForCausalLM, config)
 
 
-def _trained_lora(policy: Policy) -> Policy:
-    """A copy of ``policy`` with a LoRA adapter whose B matrices are not zero: the adapter
-    changes every output."""
-    lora = apply_lora(copy.deepcopy(policy), LoraSettings(r=4, alpha=8, dropout=0.0))
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(1)
-        for name, weight in lora.model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(std=0.3)
-    return lora
-
-
 def _counting_steps(monkeypatch) -> list[int]:
     """Spy on DirectStep.__call__: the number of rows of every direct step."""
     rows: list[int] = []
@@ -106,7 +93,7 @@ def test_direct_steps_sample_what_the_forward_samples(
     step, with each prompt's keys and values held once or per row, finished rows dropped."""
     policy = qwen2 if model.startswith("qwen2") else _llama(qwen2.tokenizer)
     if model.endswith("LoRA"):
-        policy = _trained_lora(policy)
+        policy = trained_lora(policy)
     monkeypatch.setattr(decoding, "CASCADE_MIN_PROMPT_TOKENS", 0 if cascade else 10**6)
     options = {"share_prompts": share_prompts}
     steps = _counting_steps(monkeypatch)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from fgrpo_pipeline.models.lora import LoraSettings, apply_lora, make_reference
+from fgrpo_pipeline.models.lora import make_reference
 from fgrpo_pipeline.rollout import (
     RolloutBatch,
     SamplingConfig,
@@ -26,7 +26,7 @@ from fgrpo_pipeline.rollout import (
 )
 from fgrpo_pipeline.rollout import logprobs as logprobs_module
 from fgrpo_pipeline.rollout.logprobs import bucket_rows
-from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy
+from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy, trained_lora
 
 G = 4
 TEMPERATURE = 0.7  # scoring temperature ≠ 1 (and ≠ the sampling one)
@@ -236,14 +236,7 @@ def test_gradient_checkpointing_under_grad_falls_back_with_the_same_results(poli
 
 @pytest.fixture(scope="module")
 def lora_policy(policy):
-    lora = apply_lora(copy.deepcopy(policy), LoraSettings(r=4, alpha=8))
-    # A fresh adapter's lora_B is 0 (and so are lora_A's gradients): make it do something.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in lora.model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    return lora
+    return trained_lora(policy)
 
 
 def test_lora_policy_values_and_adapter_gradients_equal_the_unshared_path(lora_policy, batch):
