@@ -25,6 +25,7 @@ Medians over ``--steps`` steps after ``--warmup-steps``. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -96,11 +97,26 @@ def _timed(fn, times: dict, name: str):
     return call
 
 
+@contextlib.contextmanager
+def _model_calls_timed(model, times: dict):
+    """Inside: the model's forward calls and its direct decoding steps add their wall time to
+    ``times["generation_model_forward"]`` (the rest of generate() is its overhead)."""
+    from fgrpo_pipeline.rollout.direct_step import DirectStep
+
+    direct_step = DirectStep.__call__
+    model.forward = _timed(model.forward, times, "generation_model_forward")
+    DirectStep.__call__ = _timed(direct_step, times, "generation_model_forward")
+    try:
+        yield
+    finally:
+        del model.forward
+        DirectStep.__call__ = direct_step
+
+
 def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> dict:
     """The trainer's own step functions (``fgrpo_pipeline.training.step``), one clock per
     function, and inside ``update`` the policy scoring, the loss and the backward pass timed
     through the run's own objects (the rest of ``update`` is clipping and AdamW)."""
-    from fgrpo_pipeline.rollout.direct_step import DirectStep
     from fgrpo_pipeline.training import step as steps_
     from fgrpo_pipeline.training.loop import setup
 
@@ -112,12 +128,7 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
     run.scorer.logprobs = _timed(run.scorer.logprobs, inner, "policy_logps")
     run.scorer.backward = _timed(run.scorer.backward, inner, "backward")
     run.loss_fn = _timed(run.loss_fn, inner, "loss_forward")
-    # the model's own forward calls inside generate() (its direct decoding steps too): the
-    # rest is generate()'s overhead
     model = run.rollout.model
-    timed_forward = _timed(model.forward, inner, "generation_model_forward")
-    direct_step = DirectStep.__call__
-    DirectStep.__call__ = _timed(direct_step, inner, "generation_model_forward")
 
     rows: list[dict[str, float]] = []
     for step in range(1, warmup + steps + 1):
@@ -126,9 +137,8 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
         t = lap.times
         chosen = steps_.sample_prompts(run, step)
         lap("prompt_sampling")
-        model.forward = timed_forward
-        batch = steps_.generate(run, chosen, step)
-        del model.forward
+        with _model_calls_timed(model, inner):
+            batch = steps_.generate(run, chosen, step)
         lap("generation")
         scored = steps_.score(run, batch, chosen)
         lap("rewards_advantages")
@@ -149,8 +159,6 @@ def measure_instrumented(policy, prompts, config, steps: int, warmup: int) -> di
         if not math.isfinite(row["loss"]):
             raise RuntimeError(f"non-finite loss at step {step}")
         rows.append(dict(t))
-    DirectStep.__call__ = direct_step
-
     rows = rows[warmup:]
     med = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
     step = med["step"]
