@@ -282,6 +282,23 @@ def fit_exponent(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(lx, ly, strict=True)) / sxx
 
 
+def command_line(script: str) -> str:
+    """``python benchmarks/<script> <this process's options>`` without ``--out <path>``: the
+    command recorded beside a result, for anyone to rerun (a scratch output path is not
+    part of it)."""
+    argv, kept = sys.argv[1:], []
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        kept.append(arg)
+    return " ".join(["python", f"benchmarks/{script}", *kept])
+
+
 def write_result(name: str, payload: Mapping[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,7 +110,7 @@ def main() -> None:
         "default_budget",
         {
             "benchmark": "default_budget",
-            "command": "python benchmarks/default_budget.py " + " ".join(sys.argv[1:]),
+            "command": common.command_line("default_budget.py"),
             "settings": {"jobs": args.jobs, "threads_per_job": threads, "seeds": args.seeds},
             "load": load,
             "load_at_end": common.load_avg(),

@@ -339,7 +339,7 @@ def main() -> None:
     if args.shape == "realistic":
         results = {
             "benchmark": "memory_realistic",
-            "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
+            "command": common.command_line("memory.py"),
             "load": load,
             "machine": common.machine_info(),
             **realistic_memory(args),

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -223,7 +222,7 @@ def interleaved(args, params, steps: int, warmup: int, threads: int, load: dict)
 def _results(benchmark: str, settings: dict, load: dict, stages: dict) -> dict:
     return {
         "benchmark": benchmark,
-        "command": "python benchmarks/speedups.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("speedups.py"),
         "settings": settings,
         "load": load,
         "load_at_end": common.load_avg(),

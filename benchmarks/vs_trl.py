@@ -68,7 +68,6 @@ import argparse
 import functools
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -686,7 +685,7 @@ def realistic(args, params, threads: int, load: dict, trl_version: str) -> None:
 
     results: dict = {
         "benchmark": "vs_trl_realistic",
-        "command": "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("vs_trl.py"),
         "settings": {
             "shape": "realistic",
             "model": {

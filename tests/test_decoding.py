@@ -12,12 +12,15 @@ from transformers import DynamicCache
 
 from fgrpo_pipeline.rollout import SamplingConfig, decoding, get_engine, token_logprobs
 from fgrpo_pipeline.rollout.decoding import (
+    INVERSE_CDF_BLOCK,
+    SAMPLERS,
     SHARED_PREFIX_ATTENTION,
     PreallocatedLayer,
     SharedPrefix,
     SharedPrefixLayer,
     _sample,
     _two_part_attention,
+    inverse_cdf_draw,
     preallocate,
 )
 from tests.conftest import ENGINE_PROMPTS, briefly_warmed_policy, trained_lora
@@ -63,6 +66,35 @@ def test_the_loop_samples_what_generate_samples(
         ours.generate(policy, prompts, group_size, config),
         theirs.generate(policy, prompts, group_size, config),
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"drop_finished": False},
+        {"share_prompts": False},
+        {"cascade_attention": False},
+        {"direct_step": False},
+    ],
+)
+def test_the_inverse_cdf_sampler_gives_each_seed_its_samples_whatever_the_options(policy, options):
+    """With ``sampler="inverse_cdf"`` a row's uniform is its own (dropped rows or not, the
+    prompts held once or not): the options change no sample. The samples differ from the
+    multinomial's (another random stream), and each row's recorded log-probs are its
+    tokens' under teacher forcing."""
+    config = SamplingConfig(temperature=1.3, top_p=0.95, max_new_tokens=6, seed=3)
+    prompts = ENGINE_PROMPTS * 2
+    batch = get_engine("hf", sampler="inverse_cdf").generate(policy, prompts, G, config)
+    other = get_engine("hf", sampler="inverse_cdf", **options).generate(policy, prompts, G, config)
+    _assert_same_rollouts(batch, other)
+    multinomial = get_engine("hf").generate(policy, prompts, G, config)
+    assert batch.completions != multinomial.completions
+    with torch.no_grad():
+        forced = token_logprobs(
+            policy.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+            batch.completion_mask, config.temperature, top_p=config.top_p,
+        )  # fmt: skip
+    torch.testing.assert_close(batch.old_logps, forced, atol=1e-5, rtol=0)
 
 
 def test_a_lora_policy_samples_what_generate_samples(policy):
@@ -119,9 +151,11 @@ def test_finished_rows_leave_the_batch(policy):
     assert set(seen[1:]) == {n}
 
 
-def test_sampling_follows_temperature_and_nucleus():
-    """The sampling rule itself: 40,000 draws from logits / T restricted to the top-p
-    nucleus; frequencies within 5 standard errors, nothing outside the nucleus."""
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampling_follows_temperature_and_nucleus(sampler):
+    """The sampling rule itself, with either sampler: 40,000 draws from logits / T
+    restricted to the top-p nucleus; frequencies within 5 standard errors, nothing outside
+    the nucleus."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     config = SamplingConfig(temperature=0.8, top_p=0.9)
     scaled = logits / config.temperature
@@ -133,11 +167,41 @@ def test_sampling_follows_temperature_and_nucleus():
     expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
     n = 40_000
     torch.manual_seed(0)
-    tokens, logps = _sample(logits.expand(n, -1), config)
+    tokens, logps = _sample(logits.expand(n, -1), config, sampler=sampler)
     freq = torch.bincount(tokens, minlength=len(logits)).float() / n
     stderr = (expected * (1 - expected) / n).sqrt()
     assert torch.all((freq - expected).abs() <= 5 * stderr + 1e-9)
     torch.testing.assert_close(logps, expected[tokens].log())
+
+
+@pytest.mark.parametrize(("vocab", "block"), [(50, 16), (50, 50), (2500, INVERSE_CDF_BLOCK)])
+def test_the_inverse_cdf_gives_each_token_its_probability(vocab, block):
+    """A grid of K evenly spaced u in [0, 1) lands on each token in proportion to its
+    probability (up to the grid's 1/K), blocks of tokens padded or not, in order of the
+    cumulative probability, never on a token outside the nucleus (−inf); the log-normaliser
+    is the logsumexp."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(vocab, generator=gen) * 3
+    scores[torch.randperm(vocab, generator=gen)[: vocab // 3]] = float("-inf")
+    k = 20_000
+    u = ((torch.arange(k, dtype=torch.float64) + 0.5) / k).unsqueeze(1)
+    tokens, log_norm = inverse_cdf_draw(scores.expand(k, -1), u, block)
+    share = torch.bincount(tokens, minlength=vocab).double() / k
+    probs = scores.double().softmax(-1)
+    assert torch.all((share - probs).abs() <= 1.0 / k + 1e-9)
+    assert share[probs == 0].sum() == 0
+    # u increasing → token order follows the cumulative probability: ranks never go back
+    rank = torch.empty(vocab, dtype=torch.long)
+    rank[probs.nonzero().squeeze(1)] = torch.arange(int((probs > 0).sum()))
+    assert torch.all(rank[tokens].diff() >= 0)
+    torch.testing.assert_close(log_norm, torch.logsumexp(scores, -1).expand(k))
+
+
+def test_the_inverse_cdf_at_the_ends_of_u_stays_on_tokens_with_mass():
+    scores = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]])
+    u = torch.tensor([[0.0], [1.0 - 2**-53], [1.0]], dtype=torch.float64)
+    tokens, _ = inverse_cdf_draw(scores.expand(3, -1), u, block=2)
+    assert tokens.tolist() == [1, 3, 3]
 
 
 def test_greedy_takes_the_argmax():
@@ -257,6 +321,8 @@ def test_a_model_whose_attention_ignores_the_interface_falls_back(policy, monkey
         ({"drop_finished": "no"}, "'drop_finished' must be true or false"),
         ({"cascade_attention": 1}, "'cascade_attention' must be true or false"),
         ({"direct_step": "yes"}, "'direct_step' must be true or false"),
+        ({"sampler": "gumbel"}, "'sampler' must be one of"),
+        ({"sampler": "inverse_cdf", "use_generate": True}, "'sampler' is 'inverse_cdf', but"),
         ({"beam_width": 2}, "unexpected keyword argument 'beam_width'"),
     ],
 )

@@ -25,7 +25,9 @@ top-p, top-k off; or greedy), and does less work per token:
 The random numbers of every row are those ``generate``'s multinomial draws for it
 (:func:`_sample`), dropped rows or not, so the same seed gives ``generate``'s samples (the
 logits agree up to float rounding: a draw could only differ by landing within rounding of
-a category boundary).
+a category boundary). ``sampler="inverse_cdf"`` draws one uniform per row instead of an
+exponential per vocabulary entry: other samples for a seed, the same distribution, and
+much less work at real vocabularies on a CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ DROP_FINISHED_SHARE = 0.25
 # run's 7-token prompts: generation 1-2 ms slower with it; the realistic benchmark's ~65-token
 # prompts: 8 % faster).
 CASCADE_MIN_PROMPT_TOKENS = 32
+# How the hf engine's loop draws a sampled token (``engine_options.sampler``): ``multinomial``
+# is generate's draw, an Exp(1) number per vocabulary entry (the same samples for a seed as
+# generate); ``inverse_cdf`` one uniform per row (other samples, the same distribution; at a
+# 152k-token vocabulary on a CPU the noise alone costs more than a small model's step).
+SAMPLERS = ("multinomial", "inverse_cdf")
+# Tokens per block of the two-level inverse CDF: the second level sums one block per row.
+INVERSE_CDF_BLOCK = 1024
 
 
 @dataclass
@@ -308,14 +317,16 @@ def decode(
     drop_finished: bool = True,
     cascade_attention: bool = True,
     direct_step: bool = True,
+    sampler: str = "multinomial",
 ) -> Decoded | None:
     """Sample ``group_size`` completions of each left-padded prompt row (P rows → N = P·G
     completions, the G of a prompt consecutive). ``share_prompts``: prefill each prompt
     once (else every row); ``cascade_attention``: and hold its keys and values once
     (:class:`SharedPrefix`; else repeated per row); ``direct_step``: decoding steps of a
-    Llama-family model run on its modules (:class:`DirectStep`; else through its forward).
-    The caller seeds the RNG and sets no-grad and eval mode. None if the model's forward
-    returns no cache this loop can drive (the engine then falls back to ``generate``)."""
+    Llama-family model run on its modules (:class:`DirectStep`; else through its forward);
+    ``sampler``: how a token is drawn (``SAMPLERS``, :func:`_sample`). The caller seeds
+    the RNG and sets no-grad and eval mode. None if the model's forward returns no cache
+    this loop can drive (the engine then falls back to ``generate``)."""
     n_prompt, max_new = prompt_ids.shape[1], sampling.max_new_tokens
     n = prompt_ids.shape[0] * group_size
     prefilled = _prefill(
@@ -338,7 +349,7 @@ def decode(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     steps = max_new
     for t in range(max_new):
-        token, logp = _sample(logits, sampling, rows, n)
+        token, logp = _sample(logits, sampling, rows, n, sampler)
         live = rows[~done]
         tokens[live, t], logps[live, t] = token[~done], logp[~done]
         done = done | torch.isin(token, eos)
@@ -428,29 +439,70 @@ def _step(model, shared: SharedPrefix | None, t: int, **inputs):
 
 
 def _sample(
-    logits: Tensor, sampling: SamplingConfig, rows: Tensor | None = None, n: int | None = None
+    logits: Tensor,
+    sampling: SamplingConfig,
+    rows: Tensor | None = None,
+    n: int | None = None,
+    sampler: str = "multinomial",
 ) -> tuple[Tensor, Tensor]:
     """One token per running row and its log-prob, as ``generate`` samples with the engine's
-    knobs: logits / temperature, then the top-p nucleus (−inf outside), then a multinomial
-    draw from the softmax; greedy takes the argmax of the raw logits. The log-prob is that
-    of the distribution sampled from (greedy: of ``softmax(logits / T)``, as the engines
-    report).
+    knobs: logits / temperature, then the top-p nucleus (−inf outside), then a draw from the
+    softmax; greedy takes the argmax of the raw logits. The log-prob is that of the
+    distribution sampled from (greedy: of ``softmax(logits / T)``, as the engines report).
 
-    ``torch.multinomial(probs, 1)`` is ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn for
-    the whole [rows, V] tensor. The noise is drawn here for all ``n`` rows of the batch at
-    every step, as ``generate``'s multinomial over its full batch draws it, and the running
-    rows (``rows``, their places in the batch) take theirs: a row's draws do not depend on
-    which rows have left, so dropping finished rows changes no sample."""
+    The random numbers are drawn for all ``n`` rows of the batch at every step, as
+    ``generate``'s multinomial over its full batch draws them, and the running rows
+    (``rows``, their places in the batch) take theirs: a row's draws do not depend on which
+    rows have left, so dropping finished rows changes no sample. ``sampler`` (``SAMPLERS``)
+    says how the draw is made."""
     scores = logits.float() / sampling.temperature
     top_p = sampling.top_p if sampling.do_sample else 1.0
     if top_p < 1:
         scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
-    if sampling.do_sample:
+    n = scores.shape[0] if n is None else n
+    if not sampling.do_sample:
+        token, log_norm = logits.argmax(dim=-1), torch.logsumexp(scores, dim=-1)
+    elif sampler == "inverse_cdf":
+        u = torch.rand(n, 1, dtype=torch.float64, device=scores.device)
+        token, log_norm = inverse_cdf_draw(scores, u if rows is None else u[rows])
+    else:
+        # torch.multinomial(probs, 1), generate's draw, is argmax(probs / q) with q ~ Exp(1)
+        # drawn for the whole [rows, V] tensor.
         probs = scores.softmax(dim=-1)
-        n = probs.shape[0] if n is None else n
         noise = probs.new_empty(n, probs.shape[-1]).exponential_(1)
         token = (probs / (noise if rows is None else noise[rows])).argmax(dim=-1)
-    else:
-        token = logits.argmax(dim=-1)
-    logp = scores.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(scores, dim=-1)
-    return token, logp
+        log_norm = torch.logsumexp(scores, dim=-1)
+    return token, scores.gather(1, token.unsqueeze(1)).squeeze(1) - log_norm
+
+
+def inverse_cdf_draw(
+    scores: Tensor, u: Tensor, block: int = INVERSE_CDF_BLOCK
+) -> tuple[Tensor, Tensor]:
+    """The token of each row of ``softmax(scores)`` [R, V] (−inf: never drawn) at which its
+    cumulative probability passes the row's ``u`` [R, 1] (float64 in [0, 1): a draw, for
+    uniform u), and the rows' log-normalisers ``logsumexp(scores)``.
+
+    Inverse-CDF in two levels, so that no pass over the vocabulary but ``exp`` and one sum
+    runs: the uniform picks a block of ``block`` tokens by the blocks' cumulative masses,
+    then, rescaled to that block, a token by the block's own cumulative masses. Masses are
+    summed in float64, so a token's chance is its probability up to float64 rounding."""
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = (scores - top).exp_()
+    r, v = weights.shape
+    block = min(block, v)
+    blocks = torch.nn.functional.pad(weights, (0, -v % block)).view(r, -1, block)
+    cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [R, blocks]
+    total = cdf[:, -1:]
+    x = u * total
+    # The first block whose cumulative mass exceeds x; never past the last with mass (x
+    # rounding up to the total would point there).
+    b = torch.minimum(torch.searchsorted(cdf, x, right=True), (cdf < total).sum(-1, True))
+    below = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
+    mass = cdf.gather(1, b) - below
+    inner = blocks[torch.arange(r, device=b.device), b.squeeze(1)].cumsum(-1, dtype=torch.float64)
+    y = (x - below) / mass * inner[:, -1:]  # uniform on [0, the block's mass)
+    j = torch.minimum(
+        torch.searchsorted(inner, y, right=True), (inner < inner[:, -1:]).sum(-1, True)
+    )
+    token = (b * block + j).squeeze(1)
+    return token, (top.squeeze(1).double() + total.squeeze(1).log()).float()

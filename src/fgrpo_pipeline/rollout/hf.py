@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from fgrpo_pipeline.models.policy import Policy
-from fgrpo_pipeline.rollout.decoding import Decoded, decode
+from fgrpo_pipeline.rollout.decoding import SAMPLERS, Decoded, decode
 from fgrpo_pipeline.rollout.engine import (
     ENGINES,
     RolloutBatch,
@@ -30,7 +30,9 @@ class HFEngine:
     (``cascade_attention``), a KV cache allocated once, finished rows dropped from the batch
     (``drop_finished``), a Llama-family model's decoding steps run on its modules without
     its forward's per-call machinery (``direct_step``), the sampling rule that of
-    ``generate`` with the engine's knobs.
+    ``generate`` with the engine's knobs (``sampler="multinomial"``, its very draws; or
+    ``"inverse_cdf"``: one uniform per row, the same distribution, other samples for a
+    seed, far less work per step at real vocabularies on a CPU).
     ``use_generate=True`` calls ``model.generate`` instead (also the fall-back for a model
     whose forward returns no cache the loop can drive); there, with ``share_prompts`` (the
     default), all but the last token of each distinct prompt run once and ``generate``
@@ -48,6 +50,7 @@ class HFEngine:
         cascade_attention: bool = True,
         use_generate: bool = False,
         direct_step: bool = True,
+        sampler: str = "multinomial",
     ) -> None:
         options = {
             "share_prompts": share_prompts,
@@ -59,6 +62,16 @@ class HFEngine:
         for name, value in options.items():
             if not isinstance(value, bool):
                 raise ValueError(f"hf engine option {name!r} must be true or false, got {value!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(
+                f"hf engine option 'sampler' must be one of {SAMPLERS}, got {sampler!r}"
+            )
+        if use_generate and sampler != "multinomial":
+            raise ValueError(
+                f"hf engine option 'sampler' is {sampler!r}, but use_generate: true samples with "
+                "generate's own multinomial draw; drop one of the two"
+            )
+        self.sampler = sampler
         self.share_prompts = share_prompts
         self.drop_finished = drop_finished
         self.cascade_attention = cascade_attention
@@ -106,6 +119,7 @@ class HFEngine:
                     drop_finished=self.drop_finished,
                     cascade_attention=self.cascade_attention,
                     direct_step=self.direct_step,
+                    sampler=self.sampler,
                 )
             if decoded is None:
                 decoded = self._generate(model, encoded, prompt_ids, prompt_mask, config, sampling)
