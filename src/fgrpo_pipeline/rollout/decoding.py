@@ -455,7 +455,9 @@ def _sample(
     (``rows``, their places in the batch) take theirs: a row's draws do not depend on which
     rows have left, so dropping finished rows changes no sample. ``sampler`` (``SAMPLERS``)
     says how the draw is made."""
-    scores = logits.float() / sampling.temperature
+    scores = logits.float()
+    if sampling.temperature != 1:  # (a division by 1 would only copy the [rows, V] logits)
+        scores = scores / sampling.temperature
     top_p = sampling.top_p if sampling.do_sample else 1.0
     if top_p < 1:
         scores = scores.masked_fill(~nucleus_mask(scores, top_p), float("-inf"))
@@ -484,14 +486,19 @@ def inverse_cdf_draw(
 
     Inverse-CDF in two levels, so that no pass over the vocabulary but ``exp`` and one sum
     runs: the uniform picks a block of ``block`` tokens by the blocks' cumulative masses,
-    then, rescaled to that block, a token by the block's own cumulative masses. Masses are
-    summed in float64, so a token's chance is its probability up to float64 rounding."""
+    then, rescaled to that block, a token by the block's own cumulative masses. A block's
+    mass is summed in float32 (as softmax sums), the cumulative masses in float64."""
+    r, v = scores.shape
     top = scores.amax(dim=-1, keepdim=True)
-    weights = (scores - top).exp_()
-    r, v = weights.shape
     block = min(block, v)
-    blocks = torch.nn.functional.pad(weights, (0, -v % block)).view(r, -1, block)
-    cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [R, blocks]
+    width = -(-v // block) * block
+    # exp(scores - top) written straight into a buffer whose padding (no mass) fills the
+    # last block: one pass, no padded copy.
+    weights = scores.new_empty(r, width)
+    weights[:, v:] = 0
+    torch.sub(scores, top, out=weights[:, :v]).exp_()
+    blocks = weights.view(r, -1, block)
+    cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [R, blocks]
     total = cdf[:, -1:]
     x = u * total
     # The first block whose cumulative mass exceeds x; never past the last with mass (x
@@ -499,7 +506,8 @@ def inverse_cdf_draw(
     b = torch.minimum(torch.searchsorted(cdf, x, right=True), (cdf < total).sum(-1, True))
     below = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
     mass = cdf.gather(1, b) - below
-    inner = blocks[torch.arange(r, device=b.device), b.squeeze(1)].cumsum(-1, dtype=torch.float64)
+    rows = torch.arange(r, device=b.device)
+    inner = blocks[rows, b.squeeze(1)].cumsum(-1, dtype=torch.float64)
     y = (x - below) / mass * inner[:, -1:]  # uniform on [0, the block's mass)
     j = torch.minimum(
         torch.searchsorted(inner, y, right=True), (inner < inner[:, -1:]).sum(-1, True)
