@@ -74,6 +74,26 @@ def test_an_unknown_key_names_the_file_and_the_valid_keys(block):
         ("safety_evaluation", {"strata": "x"}, r"unknown safety_evaluation key\(s\) \['strata'\]"),
         ("evaluation", {"strata": " "}, "evaluation.strata must name a column"),
         ("training", {"progress": 1}, "training.progress must be true or false"),
+        (
+            "rollout_generation",
+            {"engine_options": {"sampler": "gumbel"}},
+            "rollout_generation.engine_options for 'hf': hf engine option 'sampler' must be",
+        ),
+        (
+            "evaluation",
+            {"engine_options": {"beam_width": 2}},
+            "evaluation.engine_options for 'hf': .*unexpected keyword argument 'beam_width'",
+        ),
+        (
+            "safety_evaluation",
+            {"engine_options": ["inverse_cdf"]},
+            "safety_evaluation.engine_options must be a mapping",
+        ),
+        (
+            "training",
+            {"engine_options": {"sampler": "inverse_cdf", "use_generate": True}},
+            "training parameter 'engine_options' for 'hf': .*'sampler' is 'inverse_cdf', but",
+        ),
     ],
 )
 def test_a_bad_value_names_the_file_and_its_path(block, params, message):
@@ -82,7 +102,7 @@ def test_a_bad_value_names_the_file_and_its_path(block, params, message):
         read_params(PARAMETER_CLASSES[block], merged)
 
 
-FREE_MAPPINGS = ("rewards", "training_overrides")
+FREE_MAPPINGS = ("rewards", "training_overrides", "engine_options")
 
 
 def test_nested_blocks_are_dataclasses_and_run_keys_are_fields():
@@ -92,7 +112,8 @@ def test_nested_blocks_are_dataclasses_and_run_keys_are_fields():
         names = {f.name for f in dataclasses.fields(built)}
         assert set(cls.RUN_KEYS) <= names
         for name, value in parameters[block].items():
-            # rewards (weights by name) and training_overrides (any training keys) are mappings
+            # plain mappings: rewards (weights by name), training_overrides (any training
+            # keys), engine_options (the engine's keyword arguments, checked by building it)
             if isinstance(value, dict) and name in names and name not in FREE_MAPPINGS:
                 assert dataclasses.is_dataclass(getattr(built, name)), (block, name)
 

@@ -6,6 +6,7 @@ Uses the same rollout engine and reward functions as training, in batches.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -18,6 +19,7 @@ from fgrpo_pipeline.rollout import (
     ENGINES,
     SamplingConfig,
     batch_logprobs,
+    checked_engine_options,
     get_engine,
     repeat_each,
 )
@@ -41,6 +43,7 @@ class EvaluationConfig(Params):
     batch_prompts: int = 64
     max_prompts: int = 0
     engine: str = "hf"
+    engine_options: dict[str, Any] = field(default_factory=dict)
     rewards: dict[str, float] | None = None
     correctness_reward: str = "exact_number"
     sampling: SamplingConfig | None = None
@@ -71,6 +74,7 @@ class EvaluationConfig(Params):
         if self.sampling is None:
             self.sampling = SamplingConfig()
         ENGINES.check(self.engine, "evaluation.engine")
+        self.engine_options = checked_engine_options(self.engine, self.engine_options)
         get_reward(self.correctness_reward)
         combine_rewards(self.rewards)
 
@@ -130,7 +134,7 @@ def evaluate_policy(
     """
     if config.max_prompts:
         prompts = prompts.iloc[: config.max_prompts]
-    engine = get_engine(config.engine)
+    engine = get_engine(config.engine, **config.engine_options)
     reward_fn = reward_fn or combine_rewards(config.rewards)
     correct_fn = correctness_fn or get_reward(config.correctness_reward)
     greedy = SamplingConfig(**{**asdict(config.sampling), "do_sample": False})

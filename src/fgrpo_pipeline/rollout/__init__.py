@@ -11,6 +11,7 @@ from fgrpo_pipeline.rollout.engine import (
     RolloutBatch,
     RolloutEngine,
     SamplingConfig,
+    checked_engine_options,
     get_engine,
     repeat_each,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "RolloutEngine",
     "SamplingConfig",
     "batch_logprobs",
+    "checked_engine_options",
     "get_engine",
     "micro_batches",
     "nucleus_mask",

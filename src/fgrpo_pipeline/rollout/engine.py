@@ -8,12 +8,14 @@ of the sampled tokens under the distribution sampled from (temperature, and top-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from fgrpo_pipeline.algorithms.params import ParameterError
 from fgrpo_pipeline.algorithms.registry import Registry
 from fgrpo_pipeline.models.policy import Policy
 
@@ -78,6 +80,22 @@ ENGINES: Registry[type[RolloutEngine]] = Registry("rollout engine")
 def get_engine(name: str, **kwargs: object) -> RolloutEngine:
     """An instance of the engine registered as ``name``."""
     return ENGINES.get(name)(**kwargs)
+
+
+def checked_engine_options(
+    name: str, options: object, parameter: str = "engine_options"
+) -> dict[str, object]:
+    """``options`` (a mapping, or None for none) as a dict, once the engine ``name`` has been
+    built with them (engines import their heavy packages lazily, so this is cheap): an
+    unknown option or a bad value is a :class:`ParameterError` naming ``parameter``."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ParameterError(parameter, f"must be a mapping of option: value, got {options!r}")
+    options = dict(options or {})
+    try:
+        get_engine(name, **options)
+    except (TypeError, ValueError) as err:
+        raise ParameterError(parameter, f"for {name!r}: {err}") from None
+    return options
 
 
 def policy_eos_ids(policy: Policy) -> list[int]:

@@ -15,7 +15,7 @@ from fgrpo_pipeline.algorithms.advantages import ADVANTAGE_SCALES
 from fgrpo_pipeline.algorithms.losses import LossConfig
 from fgrpo_pipeline.algorithms.rewards import REWARDS, combine_rewards
 from fgrpo_pipeline.models.lora import LoraSettings
-from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine
+from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, checked_engine_options
 from fgrpo_pipeline.training.distributed import MIXED_PRECISIONS, check_launch
 
 
@@ -137,13 +137,9 @@ class TrainerConfig:
     def _check_components(self) -> None:
         """The engine, LoRA and rewards named: each registry or settings class checks its own."""
         ENGINES.check(self.engine, "training.engine")
-        self.engine_options = dict(self.engine_options or {})
-        try:
-            get_engine(self.engine, **self.engine_options)  # engines import heavy packages lazily
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"training parameter 'engine_options' for {self.engine!r}: {err}"
-            ) from None
+        self.engine_options = checked_engine_options(
+            self.engine, self.engine_options, "training parameter 'engine_options'"
+        )
         if self.lora is not None:
             self.lora = dict(self.lora)
             LoraSettings.from_params(self.lora)

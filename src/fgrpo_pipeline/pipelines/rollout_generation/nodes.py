@@ -16,7 +16,13 @@ import torch
 from fgrpo_pipeline.algorithms.params import Params, require, require_choice
 from fgrpo_pipeline.models.policy import Policy
 from fgrpo_pipeline.pipelines.parameters import read_params
-from fgrpo_pipeline.rollout import ENGINES, SamplingConfig, get_engine, repeat_each
+from fgrpo_pipeline.rollout import (
+    ENGINES,
+    SamplingConfig,
+    checked_engine_options,
+    get_engine,
+    repeat_each,
+)
 from fgrpo_pipeline.rollout.tables import rollouts_to_table
 
 
@@ -31,6 +37,7 @@ class RolloutGenerationConfig(Params):
     num_prompts: int = 64
     group_size: int = 8
     engine: str = "hf"
+    engine_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
@@ -43,6 +50,7 @@ class RolloutGenerationConfig(Params):
             f"must be ≥ 2 (advantages compare G ≥ 2), got {self.group_size}",
         )
         ENGINES.check(self.engine, "rollout_generation.engine")
+        self.engine_options = checked_engine_options(self.engine, self.engine_options)
         self.sampling = replace(self.sampling, seed=self.seed)
 
 
@@ -58,7 +66,7 @@ def generate_rollouts(
     n = min(config.num_prompts, len(pool))
     chosen = pool.iloc[torch.randperm(len(pool), generator=gen)[:n].tolist()]
     g = config.group_size
-    batch = get_engine(config.engine).generate(
+    batch = get_engine(config.engine, **config.engine_options).generate(
         policy, chosen["prompt"].tolist(), g, config.sampling
     )
     return rollouts_to_table(
