@@ -490,15 +490,14 @@ def inverse_cdf_draw(
     mass is summed in float32 (as softmax sums), the cumulative masses in float64."""
     r, v = scores.shape
     top = scores.amax(dim=-1, keepdim=True)
+    weights = (scores - top).exp_()
     block = min(block, v)
-    width = -(-v // block) * block
-    # exp(scores - top) written straight into a buffer whose padding (no mass) fills the
-    # last block: one pass, no padded copy.
-    weights = scores.new_empty(r, width)
-    weights[:, v:] = 0
-    torch.sub(scores, top, out=weights[:, :v]).exp_()
-    blocks = weights.view(r, -1, block)
-    cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [R, blocks]
+    full = v // block * block
+    # The blocks' masses: the whole blocks as a view, the remainder (if any) as the last one.
+    masses = weights[:, :full].unflatten(1, (-1, block)).sum(dim=-1)
+    if full < v:
+        masses = torch.cat([masses, weights[:, full:].sum(dim=-1, keepdim=True)], dim=1)
+    cdf = masses.double().cumsum(dim=-1)  # [R, blocks]
     total = cdf[:, -1:]
     x = u * total
     # The first block whose cumulative mass exceeds x; never past the last with mass (x
@@ -506,8 +505,10 @@ def inverse_cdf_draw(
     b = torch.minimum(torch.searchsorted(cdf, x, right=True), (cdf < total).sum(-1, True))
     below = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
     mass = cdf.gather(1, b) - below
-    rows = torch.arange(r, device=b.device)
-    inner = blocks[rows, b.squeeze(1)].cumsum(-1, dtype=torch.float64)
+    # The chosen block's weights; past the vocabulary (the last block's remainder) none.
+    index = b * block + torch.arange(block, device=b.device)
+    inner = weights.gather(1, index.clamp(max=v - 1)).masked_fill_(index >= v, 0)
+    inner = inner.cumsum(-1, dtype=torch.float64)
     y = (x - below) / mass * inner[:, -1:]  # uniform on [0, the block's mass)
     j = torch.minimum(
         torch.searchsorted(inner, y, right=True), (inner < inner[:, -1:]).sum(-1, True)
