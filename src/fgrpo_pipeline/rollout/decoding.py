@@ -484,10 +484,11 @@ def inverse_cdf_draw(
     cumulative probability passes the row's ``u`` [R, 1] (float64 in [0, 1): a draw, for
     uniform u), and the rows' log-normalisers ``logsumexp(scores)``.
 
-    Inverse-CDF in two levels, so that no pass over the vocabulary but ``exp`` and one sum
-    runs: the uniform picks a block of ``block`` tokens by the blocks' cumulative masses,
-    then, rescaled to that block, a token by the block's own cumulative masses. A block's
-    mass is summed in float32 (as softmax sums), the cumulative masses in float64."""
+    Inverse-CDF in two levels, so that the only passes over the vocabulary are a max, an
+    ``exp`` and a sum (no random number per entry): the uniform picks a block of ``block``
+    tokens by the blocks' cumulative masses, then, rescaled to that block, a token by the
+    block's own cumulative masses. A block's mass is summed in float32 (as softmax sums),
+    the cumulative masses in float64."""
     r, v = scores.shape
     top = scores.amax(dim=-1, keepdim=True)
     weights = (scores - top).exp_()
