@@ -507,12 +507,13 @@ def inverse_cdf_draw(
     below = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
     mass = cdf.gather(1, b) - below
     # The chosen block's weights; past the vocabulary (the last block's remainder) none.
-    index = b * block + torch.arange(block, device=b.device)
+    start = b * block  # the chosen block's first token
+    index = start + torch.arange(block, device=b.device)
     inner = weights.gather(1, index.clamp(max=v - 1)).masked_fill_(index >= v, 0)
     inner = inner.cumsum(-1, dtype=torch.float64)
     y = (x - below) / mass * inner[:, -1:]  # uniform on [0, the block's mass)
     j = torch.minimum(
         torch.searchsorted(inner, y, right=True), (inner < inner[:, -1:]).sum(-1, True)
     )
-    token = (b * block + j).squeeze(1)
+    token = (start + j).squeeze(1)
     return token, (top.squeeze(1).double() + total.squeeze(1).log()).float()
