@@ -42,10 +42,9 @@ def build_model(vocab: int):
     from fgrpo_pipeline.models.policy import build_char_tokenizer, tiny_qwen2_config
 
     tokenizer = build_char_tokenizer()
-    sizes = dict(common.REALISTIC_MODEL)
     config = tiny_qwen2_config(
         tokenizer,
-        **sizes,
+        **common.REALISTIC_MODEL,
         max_position_embeddings=512,
         tie_word_embeddings=True,
     )
@@ -99,8 +98,9 @@ def measure_vocab(vocab: int, rounds: int, rollouts: int) -> dict:
     samplers = ("multinomial", "inverse_cdf")
     times: dict[str, list[float]] = {s: [] for s in samplers}
     per_round: dict[str, list[float]] = {s: [] for s in samplers}
+    p = common.REALISTIC_PROMPTS_PER_STEP
     for r in range(rounds):
-        prompts = table["prompt"].tolist()[r * 8 : r * 8 + common.REALISTIC_PROMPTS_PER_STEP]
+        prompts = table["prompt"].tolist()[r * p : (r + 1) * p]
         rollout_seconds(model, tokenizer, prompts, "multinomial", seed=r)  # warm-up
         order = samplers if r % 2 == 0 else samplers[::-1]
         for sampler in order:
