@@ -8,6 +8,7 @@ configuration. Results go to ``benchmarks/results/<name>.json`` with the machine
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -152,6 +153,22 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def machine_arguments(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    """The options every benchmark takes: ``--threads`` (unless the script sets threads its
+    own way), ``--max-load`` and ``--out``."""
+    if threads:
+        parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=0.8,
+        help="wait until the 1-minute load average is at most this before measuring",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result file (default: benchmarks/results/)"
+    )
 
 
 def set_threads(threads: int) -> int:

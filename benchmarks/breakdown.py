@@ -30,7 +30,6 @@ import math
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import _common as common
 import torch
@@ -185,9 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
 
     threads = common.set_threads(args.threads)

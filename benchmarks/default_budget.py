@@ -76,8 +76,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (cores divided)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser, threads=False)
     args = parser.parse_args()
     settings = [parse_setting(text) for text in args.settings]
     threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)

@@ -27,7 +27,6 @@ import random
 import statistics
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import _common as common
 import torch
@@ -74,9 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=40, help="calls per timed block")
     parser.add_argument("--rounds", type=int, default=15, help="blocks per loss and size")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
 
     from fgrpo_pipeline.algorithms.divergences import DIVERGENCES
@@ -135,7 +132,7 @@ def main() -> None:
         rows = {
             name: {
                 "median_us": statistics.median(ts) * 1e6,
-                "iqr_us": [q * 1e6 for q in statistics.quantiles(ts, n=4)[::2]],
+                "iqr_us": [common.summary(ts)[q] * 1e6 for q in ("q1", "q3")],
                 "ratio_to_grpo": statistics.median(ts) / grpo,
             }
             for name, ts in times.items()

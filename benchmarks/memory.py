@@ -329,8 +329,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (training mode)")
     parser.add_argument("--kedro-args", default="", help="extra `kedro run` arguments")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser, threads=False)
     args = parser.parse_args()
     if args.shape == "tiny" and args.lengths:
         parser.error("--lengths applies to --shape realistic")

@@ -72,8 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--layouts", nargs="+", default=["1x2", "2x1", "2x2"])
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser, threads=False)
     args = parser.parse_args()
 
     load = common.wait_for_quiet(args.max_load)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import _common as common
 import torch
@@ -131,9 +130,7 @@ def main() -> None:
     parser.add_argument("--vocabs", type=int, nargs="+", default=[100, 151_936])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--rollouts", type=int, default=3, help="per sampler and round")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
 
     common.quiet_libraries()

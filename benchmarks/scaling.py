@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from pathlib import Path
 
 import _common as common
 import torch
@@ -74,9 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per point and pass")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
 
     threads = common.set_threads(args.threads)

@@ -107,10 +107,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (60; 12)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (10; 3)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
     parser.add_argument("--interleave", action="store_true", help="stages 0-5 in one process")
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
     steps, warmup = DEFAULT_STEPS[args.shape]
     steps, warmup = args.steps or steps, args.warmup_steps or warmup

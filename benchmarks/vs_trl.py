@@ -596,10 +596,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (40; 10)")
     parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (5; 2)")
     parser.add_argument("--rounds", type=int, default=None, help="repeats of every config (6)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.0], help="TRL betas")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
     if args.shape == "tiny" and args.lengths:
         parser.error("--lengths applies to --shape realistic")

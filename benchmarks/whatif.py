@@ -32,7 +32,6 @@ import copy
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import _common as common
 import torch
@@ -61,9 +60,7 @@ def interleaved(fns: dict, reps: int, rounds: int = 3) -> dict[str, float]:
 def main() -> None:  # noqa: PLR0914 - one linear script
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
-    parser.add_argument("--max-load", type=float, default=0.8)
-    parser.add_argument("--out", type=Path, default=None)
+    common.machine_arguments(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
