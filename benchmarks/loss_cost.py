@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import time
 from dataclasses import replace
 
@@ -128,14 +127,15 @@ def main() -> None:
                     config = losses[name]
                     loss_fn = get_loss(config.name)
                     times[name].append(time_block(loss_fn, inputs, leaf, config, reps))
-        grpo = statistics.median(times["grpo"])
+        stats = {name: common.summary(ts) for name, ts in times.items()}
+        grpo = stats["grpo"]["median"]
         rows = {
             name: {
-                "median_us": statistics.median(ts) * 1e6,
-                "iqr_us": [common.summary(ts)[q] * 1e6 for q in ("q1", "q3")],
-                "ratio_to_grpo": statistics.median(ts) / grpo,
+                "median_us": s["median"] * 1e6,
+                "iqr_us": [s["q1"] * 1e6, s["q3"] * 1e6],
+                "ratio_to_grpo": s["median"] / grpo,
             }
-            for name, ts in times.items()
+            for name, s in stats.items()
         }
         results["sizes"][size] = {
             "sequences": n,
