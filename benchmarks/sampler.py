@@ -92,9 +92,10 @@ def sampling_call_seconds(vocab: int, sampler: str, calls: int = 10) -> float:
 
 
 def measure_vocab(vocab: int, rounds: int, rollouts: int) -> dict:
+    from fgrpo_pipeline.rollout.decoding import SAMPLERS as samplers
+
     model, tokenizer = build_model(vocab)
     table = common.realistic_prompts()
-    samplers = ("multinomial", "inverse_cdf")
     times: dict[str, list[float]] = {s: [] for s in samplers}
     per_round: dict[str, list[float]] = {s: [] for s in samplers}
     p = common.REALISTIC_PROMPTS_PER_STEP
